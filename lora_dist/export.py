@@ -1,0 +1,240 @@
+"""Save, load and merge adapters.
+
+`save_adapter` writes a stock PEFT LoRA directory (adapter_config.json + adapter_model.safetensors,
+PEFT key names) plus our own exact state (lora_dist_config.json + lora_dist_adapter.safetensors).
+Every kind becomes something stock PEFT loads with the same logits:
+- lora, lora_fa: native LoRA; dora: native LoRA with use_dora;
+- lora_xs, vera, tied_lora: the exactly equivalent plain rank-r LoRA (B', A', s') (see
+  `AdapterLinear.plain_factors`);
+- an init that rewrote W (W = W0 − s·B0·A0) is written against the original W0 as the rank-2r LoRA
+  [B | −B0]·[A; A0] at the same scale, like PEFT's `path_initial_model_for_weight_conversion`.
+PEFT's scale is lora_alpha/r; we write lora_alpha = s'·r' per module (rank_pattern/alpha_pattern
+where modules differ) and use_rslora = false, which is the same number whatever produced s'.
+
+Only adapter parameters are gathered (one layer at a time under ZeRO-3), never the full model, and
+rank 0 writes into a temporary directory that is renamed into place: a crash leaves no half adapter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections import Counter
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .adapters import AdapterLinear, adapter_modules, merge_module
+from .config import AdapterConfig, ConfigError
+from .zero import gathered, is_partitioned, rank, unwrap_engine, world_size, write_params
+
+PEFT_CONFIG = "adapter_config.json"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+OUR_CONFIG = "lora_dist_config.json"
+OUR_WEIGHTS = "lora_dist_adapter.safetensors"
+
+
+def _barrier():
+    if world_size() > 1:
+        dist.barrier()
+
+
+def _model_name(module) -> Optional[str]:
+    cfg = getattr(module, "config", None)
+    name = getattr(cfg, "_name_or_path", None) or getattr(module, "name_or_path", None)
+    return name or None
+
+
+def _task_type(module) -> Optional[str]:
+    cls = type(module).__name__
+    if cls.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    if cls.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    return None
+
+
+def _module_state(m: AdapterLinear) -> dict:
+    """Full CPU copies of one module's adapter tensors (collective under ZeRO-3)."""
+    params = m.adapter_params()
+    with gathered(list(params.values())):
+        out = {k: p.detach().to("cpu", copy=True) for k, p in params.items()}
+        if m.kind == "dora":
+            peft = {"lora_A.weight": out["lora_A"], "lora_B.weight": out["lora_B"],
+                    "lora_magnitude_vector": out["lora_magnitude"]}
+            scale = m.scaling
+        else:
+            B, A, scale = m.plain_factors()
+            B, A = B.detach().to("cpu", torch.float32), A.detach().to("cpu", torch.float32)
+            if m.init_factors is not None:
+                B0, A0 = (t.to("cpu", torch.float32) for t in m.init_factors)
+                B, A = torch.cat([B, -B0], dim=1), torch.cat([A, A0], dim=0)
+            peft = {"lora_A.weight": A.contiguous(), "lora_B.weight": B.contiguous()}
+    if m.init_factors is not None:
+        out["init_B0"], out["init_A0"] = (t.detach().cpu() for t in m.init_factors)
+    return {"ours": out, "peft": peft, "scale": float(scale), "rank": peft["lora_A.weight"].shape[0]}
+
+
+def save_adapter(model_or_engine, path: str, base_model_name_or_path: Optional[str] = None) -> None:
+    """Write the adapters of `model_or_engine` to `path` (collective; rank 0 writes)."""
+    from safetensors.torch import save_file
+
+    module, _ = unwrap_engine(model_or_engine)
+    mods = adapter_modules(module)
+    config: Optional[AdapterConfig] = getattr(module, "lora_dist_config", None)
+    if not mods or config is None:
+        raise ConfigError("save_adapter: the model has no adapters (call inject_adapters first)")
+    if any(m.merged for _, m in mods):
+        raise ConfigError("save_adapter: the adapters were merged into the base weights; save before merging")
+    if any(m.needs_init for _, m in mods):
+        raise ConfigError("save_adapter: initialize_adapters has not run for this config's init "
+                          f"{config.init!r}; the adapters hold no trained or initialized values")
+
+    ours, peft, ranks, alphas, shapes = {}, {}, {}, {}, {}
+    for name, m in mods:
+        st = _module_state(m)
+        for k, v in st["ours"].items():
+            ours[f"{name}.{k}"] = v
+        for k, v in st["peft"].items():
+            peft[f"base_model.model.{name}.{k}"] = v
+        ranks[name] = st["rank"]
+        alphas[name] = st["scale"] * st["rank"]
+        shapes[name] = [m.out_features, m.in_features]
+    if config.kind == "vera":  # one frozen pair shared by every layer: stored once
+        ours["vera.A"], ours["vera.B"] = mods[0][1].vera_A.cpu().clone(), mods[0][1].vera_B.cpu().clone()
+    if rank() == 0:
+        r0, a0 = Counter(zip(ranks.values(), alphas.values())).most_common(1)[0][0]
+        name_or_path = base_model_name_or_path or _model_name(module)
+        peft_cfg = {
+            "peft_type": "LORA", "task_type": _task_type(module),
+            "base_model_name_or_path": name_or_path, "r": int(r0), "lora_alpha": float(a0),
+            "target_modules": [n for n, _ in mods], "lora_dropout": float(config.dropout),
+            "use_rslora": False, "use_dora": config.kind == "dora", "bias": "none",
+            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+            "modules_to_save": None,
+            "rank_pattern": {re.escape(n): int(r) for n, r in ranks.items() if r != r0},
+            "alpha_pattern": {re.escape(n): float(a) for n, a in alphas.items()
+                              if (ranks[n], a) != (r0, a0)},
+        }
+        ours_cfg = {
+            "format": 1, "config": config.to_dict(), "modules": shapes,
+            "base_model": {"class": type(module).__name__, "name_or_path": name_or_path},
+            "base_rewritten": any(m.init_factors is not None for _, m in mods),
+        }
+        tmp = path.rstrip("/") + f".tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, PEFT_CONFIG), "w") as f:
+            json.dump(peft_cfg, f, indent=2)
+        with open(os.path.join(tmp, OUR_CONFIG), "w") as f:
+            json.dump(ours_cfg, f, indent=2)
+        save_file({k: v.contiguous() for k, v in peft.items()}, os.path.join(tmp, PEFT_WEIGHTS))
+        save_file({k: v.contiguous() for k, v in ours.items()}, os.path.join(tmp, OUR_WEIGHTS))
+        old = path.rstrip("/") + f".old{os.getpid()}"
+        if os.path.exists(path):
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+
+
+def read_adapter_config(path: str) -> dict:
+    f = os.path.join(path, OUR_CONFIG)
+    if not os.path.isfile(f):
+        raise ConfigError(f"load_adapter: {path!r} has no {OUR_CONFIG} (not a lora_dist adapter directory)")
+    with open(f) as fh:
+        return json.load(fh)
+
+
+def load_adapter(model_or_engine, path: str) -> list:
+    """Restore adapters saved by `save_adapter` (collective).
+
+    On a model without adapters, the saved config is injected first (before deepspeed.initialize);
+    on a model with adapters, the saved config must match. An init that rewrote W is re-applied to
+    a fresh base (W ← W0 − s·B0·A0), so the result equals the saved model exactly. Reads safetensors
+    only. Returns the adapted module names.
+    """
+    from safetensors.torch import load_file
+    from .inject import inject_adapters
+
+    module, engine = unwrap_engine(model_or_engine)
+    meta = read_adapter_config(path)
+    config = AdapterConfig.from_dict(meta["config"])
+    cls = meta["base_model"]["class"]
+    if cls != type(module).__name__:
+        raise ConfigError(f"load_adapter: adapter in {path!r} was saved on a {cls}, "
+                          f"this model is a {type(module).__name__}")
+    fresh = not adapter_modules(module)
+    if fresh:
+        if engine is not None:
+            raise ConfigError("load_adapter: the engine has no adapters; inject_adapters (or load_adapter) "
+                              "must run before deepspeed.initialize")
+        inject_adapters(module, config)
+    else:
+        have = getattr(module, "lora_dist_config", None)
+        mismatch = [k for k in ("kind", "r", "alpha", "use_rslora")
+                    if have is None or getattr(have, k) != getattr(config, k)]
+        if mismatch:
+            raise ConfigError(f"load_adapter: the model's adapters differ from the saved ones in {mismatch} "
+                              f"(saved {[getattr(config, k) for k in mismatch]})")
+    mods = dict(adapter_modules(module))
+    saved = meta["modules"]
+    if set(saved) != set(mods):
+        missing, extra = sorted(set(saved) - set(mods)), sorted(set(mods) - set(saved))
+        raise ConfigError(f"load_adapter: adapted modules differ; in the file only: {missing[:5]}, "
+                          f"in the model only: {extra[:5]}")
+    for n, (o, i) in saved.items():
+        m = mods[n]
+        if (m.out_features, m.in_features) != (o, i):
+            raise ConfigError(f"load_adapter: module {n!r} is {m.in_features}->{m.out_features} in the model "
+                              f"but {i}->{o} in the adapter (a different base model?)")
+    tensors = load_file(os.path.join(path, OUR_WEIGHTS))
+    for n, m in mods.items():
+        values = {}
+        for k, p in m.adapter_params().items():
+            key = f"{n}.{k}"
+            if key not in tensors:
+                raise ConfigError(f"load_adapter: {path!r} lacks tensor {key!r}")
+            values[p] = tensors[key]
+        if m.kind == "vera":
+            m.vera_A.copy_(tensors["vera.A"])
+            m.vera_B.copy_(tensors["vera.B"])
+        if f"{n}.init_B0" in tensors:
+            B0, A0 = tensors[f"{n}.init_B0"], tensors[f"{n}.init_A0"]
+            if fresh or m.needs_init:
+                rewrite_base(m, -m.scaling * (B0.double() @ A0.double()))
+            elif m.init_factors is None or not all(torch.equal(a.cpu(), b) for a, b in zip(m.init_factors, (B0, A0))):
+                raise ConfigError(f"load_adapter: module {n!r}'s base weight was rewritten by a different init "
+                                  "than the saved adapter's; load onto the original base model instead")
+            m.init_factors = (B0, A0)
+        write_params(values)
+        m.needs_init = False
+    return list(mods)
+
+
+def rewrite_base(m: AdapterLinear, delta: torch.Tensor, owner: int = 0) -> None:
+    """W ← W + delta for one layer, computed in float64 and cast once (collective under ZeRO-3).
+
+    Only `owner`'s delta is used."""
+    with gathered([m.weight], modifier_rank=owner):
+        if not is_partitioned(m.weight) or rank() == owner:
+            with torch.no_grad():
+                m.weight.data.copy_((m.weight.double() + delta.to(m.weight.device)).to(m.weight.dtype))
+
+
+def merge_adapters(model_or_engine) -> list:
+    """Merge every adapter into its base weight in place, exactly, for every kind (collective).
+
+    After merging the wrappers compute the base layer only. Under ZeRO-3 each layer is gathered with
+    the owner rank 0 as modifier and re-partitioned, one layer at a time; this works after
+    deepspeed.initialize too (frozen base weights have no optimizer master to keep in step).
+    """
+    module, _ = unwrap_engine(model_or_engine)
+    mods = adapter_modules(module)
+    if not mods:
+        raise ConfigError("merge_adapters: the model has no adapters")
+    for _, m in mods:
+        merge_module(m)
+    return [n for n, _ in mods]

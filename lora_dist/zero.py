@@ -1,0 +1,112 @@
+"""ZeRO-3 helpers: one code path for plain tensors and for DeepSpeed-partitioned parameters.
+
+Facts these rely on (checked on this machine, see shared/design/zero3-facts.md):
+- a partitioned parameter has `.shape == (0,)`; its true shape is `ds_shape`;
+- `GatheredParameters(ps, modifier_rank=k)` broadcasts rank k's edits on exit; with
+  `modifier_rank=None` edits are dropped;
+- after `deepspeed.initialize`, a trainable parameter has two copies: the working copy that forward
+  reads and the fp32 master in the optimizer. Writing one alone is undone or ignored, so
+  `write_trainable` writes both.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+def is_partitioned(p: torch.Tensor) -> bool:
+    """True for a ZeRO-3 parameter (it carries a `ds_id`)."""
+    return hasattr(p, "ds_id")
+
+
+def full_shape(p: torch.Tensor) -> torch.Size:
+    return torch.Size(p.ds_shape) if is_partitioned(p) else p.shape
+
+
+def full_numel(p: torch.Tensor) -> int:
+    return int(p.ds_numel) if is_partitioned(p) else p.numel()
+
+
+def unwrap_engine(model_or_engine):
+    """(module, engine-or-None). Accepts a DeepSpeedEngine or a plain nn.Module."""
+    try:
+        from deepspeed import DeepSpeedEngine
+    except Exception:  # deepspeed not importable: plain torch use
+        DeepSpeedEngine = ()
+    if DeepSpeedEngine and isinstance(model_or_engine, DeepSpeedEngine):
+        return model_or_engine.module, model_or_engine
+    return model_or_engine, None
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@contextlib.contextmanager
+def gathered(params: Sequence[torch.Tensor], modifier_rank: Optional[int] = None):
+    """Full parameters inside the block; a no-op for unpartitioned tensors.
+
+    With `modifier_rank=k`, rank k's in-place edits are kept (broadcast and re-partitioned on exit).
+    Collective when any parameter is partitioned: every rank must enter with the same list.
+    """
+    zero = [p for p in params if is_partitioned(p)]
+    if not zero:
+        yield
+        return
+    import deepspeed
+    with deepspeed.zero.GatheredParameters(zero, modifier_rank=modifier_rank):
+        yield
+
+
+def has_master_copy(p: torch.Tensor) -> bool:
+    """True once an optimizer holds an fp32 master of `p` (ZeRO-3, or ZeRO-1/2 and bf16)."""
+    if not p.requires_grad:
+        return False
+    return hasattr(p, "_z3_optimizer") or hasattr(p, "_hp_mapping")
+
+
+def write_params(values: dict, src_rank: int = 0) -> None:
+    """Set parameters to full values, keeping working copy and fp32 master in step.
+
+    `values` maps parameter -> full tensor. For partitioned parameters the values need only be valid
+    on `src_rank` for the working copy, but the fp32 master is written from each rank's own `value`
+    (DeepSpeed's `safe_set_full_fp32_param` slices it locally), so pass the same values on every rank.
+    Collective under ZeRO-3: all ranks call it with the same parameters in the same order.
+    """
+    params = list(values)
+    with gathered(params, modifier_rank=src_rank):
+        if not any(is_partitioned(p) for p in params) or rank() == src_rank:
+            with torch.no_grad():
+                for p, v in values.items():
+                    p.data.copy_(v.reshape(full_shape(p)).to(p.dtype))
+    masters = [p for p in params if has_master_copy(p)]
+    if masters:
+        from deepspeed.utils import safe_set_full_fp32_param
+        for p in masters:
+            v = values[p].reshape(full_shape(p)).to(device=_master_device(p), dtype=torch.float32)
+            safe_set_full_fp32_param(p, v)
+
+
+def _master_device(p):
+    opt = getattr(p, "_z3_optimizer", None)
+    if opt is not None:
+        try:
+            part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False)
+            return part.device
+        except Exception:
+            pass
+    return p.device if not is_partitioned(p) else p.ds_tensor.device
+
+
+def read_full(params: Iterable[torch.Tensor]) -> list:
+    """Full CPU copies of the given parameters, on every rank (collective under ZeRO-3)."""
+    params = list(params)
+    with gathered(params):
+        return [p.detach().to("cpu", copy=True).reshape(full_shape(p)) for p in params]

@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY, **overrides})).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A real safetensors checkpoint of a random tiny Llama (save_pretrained)."""
+    d = str(tmp_path_factory.mktemp("tiny_llama"))
+    tiny_llama().save_pretrained(d)
+    return d
