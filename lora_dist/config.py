@@ -59,7 +59,7 @@ class AdapterConfig:
     dropout: dropout on the adapter's input (the base path never sees it).
     target_modules: list of name patterns, or "all-linear" (every nn.Linear but the output head).
         A pattern matches a module whose qualified name equals it or ends with "." + pattern; a
-        pattern with `*`, `?` or `[` is a glob on the full qualified name.
+        pattern with `*`, `?` or `[` is a glob on the qualified name or on any dotted suffix of it.
     exclude_modules: patterns (same rules) removed from the match.
     init: one of INITS (None = the kind's default); init_options: method options (see docs/methods.md).
     init_samples: number of calibration samples for data-aware inits.

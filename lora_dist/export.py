@@ -166,6 +166,16 @@ def load_adapter(model_or_engine, path: str) -> list:
     if cls != type(module).__name__:
         raise ConfigError(f"load_adapter: adapter in {path!r} was saved on a {cls}, "
                           f"this model is a {type(module).__name__}")
+    saved = meta["modules"]
+    for n, (o, i) in saved.items():  # checked before anything is injected or written
+        try:
+            lin = module.get_submodule(n)
+        except AttributeError:
+            raise ConfigError(f"load_adapter: the adapter targets {n!r}, which this model does not have "
+                              f"(a different base model?)") from None
+        if (lin.out_features, lin.in_features) != (o, i):
+            raise ConfigError(f"load_adapter: module {n!r} is {lin.in_features}->{lin.out_features} in the "
+                              f"model but {i}->{o} in the adapter (a different base model?)")
     fresh = not adapter_modules(module)
     if fresh:
         if engine is not None:
@@ -180,16 +190,10 @@ def load_adapter(model_or_engine, path: str) -> list:
             raise ConfigError(f"load_adapter: the model's adapters differ from the saved ones in {mismatch} "
                               f"(saved {[getattr(config, k) for k in mismatch]})")
     mods = dict(adapter_modules(module))
-    saved = meta["modules"]
     if set(saved) != set(mods):
         missing, extra = sorted(set(saved) - set(mods)), sorted(set(mods) - set(saved))
         raise ConfigError(f"load_adapter: adapted modules differ; in the file only: {missing[:5]}, "
                           f"in the model only: {extra[:5]}")
-    for n, (o, i) in saved.items():
-        m = mods[n]
-        if (m.out_features, m.in_features) != (o, i):
-            raise ConfigError(f"load_adapter: module {n!r} is {m.in_features}->{m.out_features} in the model "
-                              f"but {i}->{o} in the adapter (a different base model?)")
     tensors = load_file(os.path.join(path, OUR_WEIGHTS))
     for n, m in mods.items():
         values = {}

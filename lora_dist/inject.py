@@ -15,7 +15,7 @@ from .zero import unwrap_engine
 
 def _matches(name: str, pattern: str) -> bool:
     if any(c in pattern for c in "*?["):
-        return fnmatch.fnmatchcase(name, pattern)
+        return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
     return name == pattern or name.endswith("." + pattern)
 
 
