@@ -71,6 +71,9 @@ class AdapterLinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.adapter_dtype = adapter_dtype or base.weight.dtype
         self.merged = False
+        # True while calibration statistics are collected: the layer computes its base only, so the
+        # statistics are those of W0 whatever the adapters hold.
+        self.calibrating = False
         # Set by inject when the init needs W or data; cleared by initialize_adapters.
         self.needs_init = False
         # For inits that rewrote W (PiSSA-like): the initial plain factors, so export can express
@@ -92,7 +95,7 @@ class AdapterLinear(nn.Module):
     # -- forward ------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or self.calibrating:
             return y
         if self.needs_init and self.training and self.weight.device.type != "meta":
             raise RuntimeError(
@@ -175,7 +178,7 @@ class DoRALinear(LoRALinear):
         return self.lora_magnitude / norm
 
     def forward(self, x):
-        if self.merged:
+        if self.merged or self.calibrating:
             return F.linear(x, self.weight, self.bias)
         y = F.linear(x, self.weight, self.bias)
         xd = self.dropout(x.to(self.adapter_dtype))

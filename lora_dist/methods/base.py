@@ -1,0 +1,126 @@
+"""What to compute: a method declares the statistics it needs and solves one layer. Nothing else.
+
+Statistics (normalized by the engine; see docs/methods.md and shared/design/methods.md):
+- WEIGHT_GRADIENT  g = Σ_i w_i Σ_{t∈i} δ_tᵀ x_t (d_out×d_in), δ_t = ∂L_i/∂y_t, w_i = 1/N_c
+                   ("sample_mean": g = ∇_W of the mean over samples of per-sample mean-token losses)
+                   or n_i/N_tok ("token_mean").
+- INPUT_MOMENT     {"second": Σ_t x_tᵀx_t / T (d_in×d_in), "mean": Σ_t x_t / T, "count": T} over the
+                   attention-mask positions (or loss-bearing positions); shared by modules reading the
+                   same input.
+- OUTPUT_GRAD_DIAG Σ_t (∂L_i/∂y_t)² / T (d_out), same positions as INPUT_MOMENT.
+- OUTPUT_GRAD_FULL Σ_t (∂L_i/∂y_t)ᵀ(∂L_i/∂y_t) / T (d_out×d_out).
+- WEIGHT           the layer's full base weight W (gathered to the owner only).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+from ..adapters import generator_for
+from ..config import ConfigError
+
+WEIGHT_GRADIENT = "weight_gradient"
+INPUT_MOMENT = "input_moment"
+OUTPUT_GRAD_DIAG = "output_grad_diag"
+OUTPUT_GRAD_FULL = "output_grad_full"
+WEIGHT = "weight"
+STATISTICS = (WEIGHT_GRADIENT, INPUT_MOMENT, OUTPUT_GRAD_DIAG, OUTPUT_GRAD_FULL)
+
+COMMON_OPTIONS = {"gradient_weighting": "sample_mean", "factor_positions": "attention"}
+
+
+@dataclass
+class LayerProblem:
+    """Everything one layer's solve sees, on its owner rank."""
+    name: str
+    d_out: int
+    d_in: int
+    r: int
+    scaling: float
+    kind: str
+    options: Dict
+    seed: int
+    n_train: Optional[int] = None          # training-set size, when the job knows it
+    lr: Optional[float] = None             # first warm-up step's learning rate, when known
+    W: Optional[torch.Tensor] = None       # full base weight, in the solve dtype
+    stats: Dict = field(default_factory=dict)
+    n_samples: int = 0                     # calibration samples (global)
+    dtype: torch.dtype = torch.float32     # solve precision
+
+    def generator(self, salt: str = "") -> torch.Generator:
+        """Seeded from (seed, module name): the same whoever solves it."""
+        return generator_for(self.seed, self.name + salt)
+
+
+@dataclass
+class LayerSolution:
+    A: torch.Tensor                        # r × d_in
+    B: torch.Tensor                        # d_out × r
+    R: Optional[torch.Tensor] = None       # r × r (kind lora_xs)
+    info: Dict = field(default_factory=dict)
+
+
+class Method:
+    """Base class. Subclasses set `name`, `needs`, `writes_weight`, `options`, and define `solve`.
+
+    A method with `writes_weight` rewrites W ← W − s·B·A with the factors as written (the engine
+    does it, in float64, so the model output is unchanged at init)."""
+
+    name = ""
+    needs: frozenset = frozenset()
+    writes_weight = False
+    options: Dict = {}
+    reference = ""
+
+    @property
+    def needs_backward(self) -> bool:
+        return bool(self.needs & {WEIGHT_GRADIENT, OUTPUT_GRAD_DIAG, OUTPUT_GRAD_FULL})
+
+    @property
+    def needs_data(self) -> bool:
+        return bool(self.needs & set(STATISTICS))
+
+    def resolve_options(self, given: Dict) -> Dict:
+        allowed = {**COMMON_OPTIONS, **self.options}
+        unknown = sorted(set(given) - set(allowed))
+        if unknown:
+            raise ConfigError(f"init_options {unknown} are not options of init {self.name!r}; "
+                              f"its options are {sorted(allowed)}")
+        opts = {**allowed, **given}
+        if opts["gradient_weighting"] not in ("sample_mean", "token_mean"):
+            raise ConfigError(f"init_options.gradient_weighting={opts['gradient_weighting']!r}; "
+                              "use 'sample_mean' or 'token_mean'")
+        if opts["factor_positions"] not in ("attention", "loss"):
+            raise ConfigError(f"init_options.factor_positions={opts['factor_positions']!r}; "
+                              "use 'attention' or 'loss'")
+        self.check_options(opts)
+        return opts
+
+    def check_options(self, opts: Dict) -> None:
+        """Raise ConfigError naming the option when a value is invalid."""
+
+    def stats_needed(self, opts: Dict) -> frozenset:
+        """The statistics to collect for these options (default: `needs`)."""
+        return self.needs
+
+    def cost(self, d_out: int, d_in: int, r: int) -> float:
+        """Relative solve cost of one layer (flop-like), for the owner plan."""
+        return float(d_out * d_in * min(d_out, d_in))
+
+    def solve(self, p: LayerProblem) -> LayerSolution:
+        raise NotImplementedError
+
+
+def fix_signs(U: torch.Tensor, V: Optional[torch.Tensor] = None):
+    """Deterministic signs for singular/eigen vectors: each column of U gets its largest-|.| entry
+    positive (V's matching columns flip with it), so results do not depend on the solver's whims."""
+    idx = U.abs().argmax(dim=0)
+    s = torch.sign(U[idx, torch.arange(U.shape[1])])
+    s[s == 0] = 1
+    return (U * s, None if V is None else V * s)
+
+
+def option_error(method: str, key: str, value, expect: str) -> ConfigError:
+    return ConfigError(f"init_options.{key}={value!r} for init {method!r}: {expect}")

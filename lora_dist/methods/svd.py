@@ -1,0 +1,99 @@
+"""Inits from a factorization of the base weight W: PiSSA, MiLoRA, OLoRA, LoRA-XS.
+
+All of them need only W (gathered to the owner); none needs calibration data.
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import WEIGHT, LayerProblem, LayerSolution, Method, fix_signs, option_error
+
+
+def _svd(W: torch.Tensor, r: int, niter, p: LayerProblem, smallest: bool = False):
+    """(U_r, S_r, V_r) of W with deterministic signs; randomized (svd_lowrank) when niter is set."""
+    if niter is not None and not smallest:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(p.generator("svd").initial_seed())
+            U, S, V = torch.svd_lowrank(W, q=r, niter=int(niter))
+        U, S, V = U[:, :r], S[:r], V[:, :r]
+    else:
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        sl = slice(-r, None) if smallest else slice(0, r)
+        U, S, V = U[:, sl], S[sl], Vh[sl].T
+    U, V = fix_signs(U, V)
+    return U, S, V
+
+
+class PiSSA(Method):
+    """PiSSA (Meng et al. 2024): the principal singular triplets of W become the adapter.
+
+        W = U S Vᵀ,  B = U_r √(S_r/s),  A = √(S_r/s) V_rᵀ,  W ← W − s·B·A  (output unchanged).
+
+    Option `niter`: None = full SVD; an integer = randomized SVD (torch.svd_lowrank, q=r, niter
+    subspace iterations), PEFT's "pissa_niter_K". Cost per layer: O(d_out·d_in·min(d_out, d_in)).
+    """
+
+    name = "pissa"
+    needs = frozenset({WEIGHT})
+    writes_weight = True
+    options = {"niter": None}
+    reference = "Meng et al. 2024, PiSSA; PEFT init_lora_weights='pissa'"
+    smallest = False
+
+    def check_options(self, opts):
+        n = opts.get("niter")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise option_error(self.name, "niter", n, "None (full SVD) or a non-negative integer")
+
+    def solve(self, p: LayerProblem) -> LayerSolution:
+        U, S, V = _svd(p.W, p.r, p.options.get("niter"), p, smallest=self.smallest)
+        root = torch.sqrt(S / p.scaling)
+        B = U * root
+        A = root[:, None] * V.T
+        return LayerSolution(A=A, B=B)
+
+
+class MiLoRA(PiSSA):
+    """MiLoRA (Wang et al. 2025): as PiSSA with the r *smallest* singular triplets.
+
+        B = U_[−r:] √(S/s),  A = √(S/s) V_[−r:]ᵀ,  W ← W − s·B·A.  Full SVD only.
+    """
+
+    name = "milora"
+    options = {}
+    reference = "Wang et al. 2025, MiLoRA"
+    smallest = True
+
+
+class OLoRA(Method):
+    """OLoRA: W = Q R (thin QR), B = Q[:, :r], A = R[:r, :], W ← W − s·B·A.
+
+    Signs: Householder QR is deterministic for a given W. Cost O(d_out·d_in·min(d_out, d_in)).
+    """
+
+    name = "olora"
+    needs = frozenset({WEIGHT})
+    writes_weight = True
+    reference = "Büyükakyüz 2024, OLoRA; PEFT init_lora_weights='olora'"
+
+    def solve(self, p):
+        Q, R = torch.linalg.qr(p.W)
+        B, A = Q[:, : p.r].contiguous(), R[: p.r].contiguous()
+        return LayerSolution(A=A, B=B)
+
+
+class LoRAXSInit(Method):
+    """LoRA-XS (Bałazy et al. 2024), for kind lora_xs: W = U S Vᵀ,
+
+        B = U_r (frozen),  A = S_r V_rᵀ (frozen),  R ~ N(0, σ²) trainable r×r (σ = 1e-5),  W unchanged.
+    """
+
+    name = "lora_xs"
+    needs = frozenset({WEIGHT})
+    options = {"r_std": 1e-5}
+    reference = "Bałazy et al. 2024, LoRA-XS"
+
+    def solve(self, p):
+        U, S, V = _svd(p.W, p.r, None, p)
+        R = torch.randn(p.r, p.r, generator=p.generator("R"), dtype=torch.float64).to(p.W.dtype)
+        return LayerSolution(A=S[:, None] * V.T, B=U, R=R * float(p.options["r_std"]))
