@@ -125,7 +125,9 @@ def slot_shapes(stats: frozenset, d_out: int, d_in: int, owns_input: bool) -> Di
 def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor):
     """(L_i, n_i): each sample's mean next-token cross-entropy over its loss-bearing tokens, and
     their count. Samples without loss tokens get L_i = 0."""
-    shift_logits = logits[:, :-1].float()
+    shift_logits = logits[:, :-1]
+    if shift_logits.dtype not in (torch.float32, torch.float64):  # bf16/fp16 logits: CE in fp32
+        shift_logits = shift_logits.float()
     shift_labels = labels[:, 1:]
     valid = shift_labels != -100
     ce = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]),

@@ -1,0 +1,209 @@
+"""The calibration engine, single process: statistics against a dense float64 reference from
+full-model autograd, batching and checkpointing invariance, no trace left, clear errors."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lora_dist as ld
+from conftest import tiny_llama
+from lora_dist.methods import INPUT_MOMENT, OUTPUT_GRAD_DIAG, OUTPUT_GRAD_FULL, WEIGHT_GRADIENT
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def samples(n=5, seed=0, base_len=6):
+    """Variable-length samples with prompt tokens (label -100) and response tokens."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        t = base_len + (i * 3) % 7
+        ids = torch.randint(1, 128, (t,), generator=g)
+        labels = ids.clone()
+        labels[: 2 + i % 3] = -100
+        out.append((ids, labels))
+    return out
+
+
+def batches(smp, micro):
+    """Right-padded micro-batches, as a collator would make them."""
+    out = []
+    for s in range(0, len(smp), micro):
+        chunk = smp[s:s + micro]
+        T = max(len(i) for i, _ in chunk)
+        ids = torch.zeros(len(chunk), T, dtype=torch.long)
+        lab = torch.full((len(chunk), T), -100)
+        am = torch.zeros(len(chunk), T, dtype=torch.long)
+        for j, (i, l) in enumerate(chunk):
+            ids[j, :len(i)], lab[j, :len(i)], am[j, :len(i)] = i, l, 1
+        out.append({"input_ids": ids, "attention_mask": am, "labels": lab})
+    return out
+
+
+def reference_statistics(smp, weighting="sample_mean"):
+    """Dense float64 reference from plain autograd on an unsharded copy, one sample at a time."""
+    model = tiny_llama().double()
+    mods = {n: m for n, m in model.named_modules() if n.split(".")[-1] in TARGETS}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in mods.values():
+        m.weight.requires_grad_(True)
+    xs, ys = {}, {}
+    def keep(n):
+        def hook(mod, inputs, out):
+            xs[n], ys[n] = inputs[0], out
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in mods.items()]
+    A = {n: 0 for n in mods}
+    G = {n: 0 for n in mods}
+    Gf = {n: 0 for n in mods}
+    g = {n: 0 for n in mods}
+    T = 0
+    n_tok = sum(int((l[1:] != -100).sum()) for _, l in smp)
+    # g = Σ_i w_i ∂L_i/∂W, one sample at a time. (Not one backward of Σ_i w_i L_i: Llama's RMSNorm
+    # computes in fp32 even in a float64 model, so a scaled backward rounds differently.)
+    for ids, labels in smp:
+        out = model(input_ids=ids[None]).logits[0]
+        ce = F.cross_entropy(out[:-1], labels[1:], reduction="none", ignore_index=-100)
+        valid = labels[1:] != -100
+        L_i = ce[valid].mean()
+        w = 1.0 / len(smp) if weighting == "sample_mean" else valid.sum() / n_tok
+        grads = torch.autograd.grad(L_i, [ys[n] for n in mods] + [m.weight for m in mods.values()])
+        deltas, gW = grads[:len(mods)], grads[len(mods):]
+        for (n, _), d, gw in zip(mods.items(), deltas, gW):
+            g[n] = g[n] + w * gw
+            x = xs[n][0]
+            A[n] = A[n] + x.T @ x
+            G[n] = G[n] + (d[0] ** 2).sum(0)
+            Gf[n] = Gf[n] + d[0].T @ d[0]
+        T += len(ids)
+    for h in hooks:
+        h.remove()
+    return {n: {WEIGHT_GRADIENT: g[n], "A": A[n] / T, "G": G[n] / T, "Gf": Gf[n] / T} for n in mods}
+
+
+def engine_statistics(smp, micro, init_options=None, checkpointing=None, **kw):
+    model = tiny_llama().double()
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing})
+    opts = {"n_train": 100, **(init_options or {})}
+    cfg = ld.AdapterConfig(kind="lora", init="lora_da", r=4, target_modules=TARGETS, init_options=opts)
+    ld.inject_adapters(model, cfg)
+    rep = ld.initialize_adapters(model, batches=batches(smp, micro), stats_dtype=torch.float64,
+                                 progress=False, return_statistics=True, **kw)
+    return model, rep
+
+
+def _close(a, b, tol=1e-9):
+    scale = b.abs().max().clamp(min=1e-30)
+    assert (a - b).abs().max() / scale < tol
+
+
+@pytest.mark.parametrize("weighting", ["sample_mean", "token_mean"])
+def test_statistics_match_dense_autograd_reference(weighting):
+    smp = samples()
+    ref = reference_statistics(smp, weighting)
+    _, rep = engine_statistics(smp, micro=3, init_options={"gradient_weighting": weighting})
+    assert set(rep.statistics) == set(ref)
+    for n, st in rep.statistics.items():
+        _close(st[WEIGHT_GRADIENT], ref[n][WEIGHT_GRADIENT])
+        _close(st[INPUT_MOMENT]["second"], ref[n]["A"])
+        _close(st[OUTPUT_GRAD_DIAG], ref[n]["G"])
+    assert rep.n_samples == 5 and rep.n_positions == sum(len(i) for i, _ in smp)
+
+
+def test_full_output_gradient_factor_matches_reference():
+    smp = samples(3)
+    ref = reference_statistics(smp)
+    _, rep = engine_statistics(smp, micro=2, init_options={"fisher": "full"})
+    for n, st in rep.statistics.items():
+        _close(st[OUTPUT_GRAD_FULL], ref[n]["Gf"])
+
+
+def test_q_k_v_and_gate_up_share_one_input_moment():
+    _, rep = engine_statistics(samples(2), micro=2)
+    units = {u.name: u.modules for u in rep.plan.units}
+    assert units["model.layers.0.self_attn.q_proj"] == ["model.layers.0.self_attn.q_proj",
+                                                         "model.layers.0.self_attn.k_proj",
+                                                         "model.layers.0.self_attn.v_proj"]
+    assert units["model.layers.1.mlp.gate_proj"] == ["model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
+    s = rep.statistics
+    assert s["model.layers.0.self_attn.k_proj"][INPUT_MOMENT]["second"] is s["model.layers.0.self_attn.q_proj"][INPUT_MOMENT]["second"] or \
+        torch.equal(s["model.layers.0.self_attn.k_proj"][INPUT_MOMENT]["second"], s["model.layers.0.self_attn.q_proj"][INPUT_MOMENT]["second"])
+
+
+def _adapters(model):
+    return {n: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for n, m in ld.adapter_modules(model)}
+
+
+@pytest.mark.parametrize("variant", [dict(micro=1), dict(micro=5), dict(micro=2, layer_groups=3),
+                                     dict(micro=2, reduce_every_step=True), dict(micro=3, checkpointing=True),
+                                     dict(micro=3, checkpointing=False)])
+def test_result_is_invariant_to_batching_groups_and_checkpointing(variant):
+    # Well-posed: more positions than d_in, so A_in is full rank and Ω's small eigenvalues separate;
+    # otherwise LOBPCG's 10 iterations pick an arbitrary basis of a near-degenerate subspace.
+    smp = samples(16, base_len=14)
+    base_model, base = engine_statistics(smp, micro=3)
+    model, rep = engine_statistics(smp, **variant)
+    for n, st in rep.statistics.items():
+        _close(st[WEIGHT_GRADIENT], base.statistics[n][WEIGHT_GRADIENT], 1e-10)
+        _close(st[OUTPUT_GRAD_DIAG], base.statistics[n][OUTPUT_GRAD_DIAG], 1e-10)
+        _close(st[INPUT_MOMENT]["second"], base.statistics[n][INPUT_MOMENT]["second"], 1e-10)
+    a, b = _adapters(model), _adapters(base_model)
+    for n in a:
+        _close(a[n][0], b[n][0], 1e-8)
+        _close(a[n][1], b[n][1], 1e-8)
+    if "layer_groups" in variant:
+        assert rep.passes == 3
+
+
+def test_calibration_leaves_no_trace():
+    model = tiny_llama()
+    model.eval()
+    model.model.layers[0].train()  # a mixed state must come back as it was
+    cfg = ld.AdapterConfig(kind="lora", init="lora_da", r=4, target_modules=TARGETS, init_options={"n_train": 10})
+    ld.inject_adapters(model, cfg)
+    modes = {n: m.training for n, m in model.named_modules()}
+    req = {n: p.requires_grad for n, p in model.named_parameters()}
+    ld.initialize_adapters(model, batches=batches(samples(3), 2), progress=False)
+    assert modes == {n: m.training for n, m in model.named_modules()}
+    assert req == {n: p.requires_grad for n, p in model.named_parameters()}
+    assert all(p.grad is None for p in model.parameters())
+    for m in model.modules():
+        assert not m._forward_hooks and not m._backward_hooks and not m._forward_pre_hooks
+    assert not any(m.needs_init or m.calibrating for _, m in ld.adapter_modules(model))
+
+
+def test_damping_is_applied_and_reported_for_a_singular_factor():
+    # A rank-deficient input moment: a single short sample gives fewer positions than d_in = 64.
+    smp = samples(1)
+    model, rep = engine_statistics(smp, micro=1, init_options={"damping": 0.0})
+    damp = [i["damping_A_in"] for i in rep.layer_info.values()]
+    assert max(damp) > 0  # raised from 0 until Cholesky succeeded
+    assert "damping" in rep.summary()
+
+
+def test_non_finite_statistic_names_layer_and_phase():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    ld.inject_adapters(model, ld.AdapterConfig(kind="lora", init="lora_da", r=4, target_modules=["down_proj"],
+                                               init_options={"n_train": 10}))
+    with pytest.raises(FloatingPointError, match=r"layer 'model\.layers\.\d\.mlp\.down_proj': non-finite \w+ statistic \(phase: collect\)"):
+        ld.initialize_adapters(model, batches=batches(samples(2), 2), progress=False)
+
+
+def test_bad_batches_and_options_are_named():
+    model = tiny_llama()
+    ld.inject_adapters(model, ld.AdapterConfig(kind="lora", init="lora_da", r=4, target_modules=["q_proj"]))
+    b = batches(samples(2), 2)
+    del b[0]["labels"]
+    with pytest.raises(ld.ConfigError, match="batch 0 lacks field 'labels'"):
+        ld.initialize_adapters(model, batches=b, progress=False)
+    with pytest.raises(ld.ConfigError, match="n_train is required"):
+        ld.initialize_adapters(model, batches=batches(samples(2), 2), progress=False)
+    cfg = ld.AdapterConfig(kind="lora", init="lora_da", r=4, target_modules=["q_proj"], init_options={"betta": 1})
+    with pytest.raises(ld.ConfigError, match=r"\['betta'\] are not options of init 'lora_da'"):
+        ld.initialize_adapters(model, cfg, batches=batches(samples(2), 2), progress=False)
+    with pytest.raises(ld.ConfigError, match="no calibration batches"):
+        ld.initialize_adapters(model, batches=[], progress=False)
