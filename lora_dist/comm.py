@@ -22,7 +22,8 @@ class Comm:
         self.on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.on else 0
         self.world = dist.get_world_size() if self.on else 1
-        self.sent = 0                  # bytes this rank sent
+        self.sent = 0                  # bytes this rank sent, all collectives
+        self.reduce_sent = 0           # of which: reducing statistics to their owners
         self.allreduce_equivalent = 0  # bytes a ring all-reduce of the same reductions would send
 
     def barrier(self):
@@ -68,6 +69,7 @@ class Comm:
         if self.rank != dst:
             # a tree/ring reduce moves about one copy per rank
             self.sent += nb
+            self.reduce_sent += nb
             return None
         return t
 

@@ -46,7 +46,8 @@ class InitReport:
     phases_per_rank: List[Dict[str, float]] = field(default_factory=list)
     solve_wall: float = 0.0             # Σ over rounds of the slowest rank's solve time
     solve_load: List[float] = field(default_factory=list)            # seconds each rank spent solving
-    bytes_sent_per_rank: List[int] = field(default_factory=list)
+    bytes_sent_per_rank: List[int] = field(default_factory=list)       # every collective
+    reduce_bytes_per_rank: List[int] = field(default_factory=list)     # statistics reduced to owners
     allreduce_bytes_per_rank: List[int] = field(default_factory=list)
     stats_peak_bytes_per_rank: List[int] = field(default_factory=list)
     weight_peak_bytes_per_rank: List[int] = field(default_factory=list)
@@ -72,7 +73,7 @@ class InitReport:
                              + f"  {self.stats_peak_bytes_per_rank[r] / 2**20:9.3f}"
                              + f"  {self.rss_peak_mib_per_rank[r]:7.0f}")
         lines.append(f"solve wall {self.solve_wall:.3f}s; reduce-to-owner sent "
-                     f"{sum(self.bytes_sent_per_rank) / 2**20:.3f} MiB vs all-reduce "
+                     f"{sum(self.reduce_bytes_per_rank) / 2**20:.3f} MiB vs all-reduce "
                      f"{sum(self.allreduce_bytes_per_rank) / 2**20:.3f} MiB")
         damped = {n: i for n, i in self.layer_info.items() if any(k.startswith("damping") for k in i)}
         if damped:
@@ -167,8 +168,8 @@ def _rss_mib() -> float:
 def initialize_adapters(model_or_engine, config: Optional[AdapterConfig] = None,
                         batches: Optional[Iterable[dict]] = None, *, n_train: Optional[int] = None,
                         lr: Optional[float] = None, layer_groups: Optional[int] = None,
-                        reduce_every_step: bool = False, stats_dtype: torch.dtype = torch.float32,
-                        solve_dtype: Optional[torch.dtype] = None, progress: bool = True,
+                        reduce_every_step: bool = False, stats_dtype: Optional[torch.dtype] = None,
+                        solve_dtype: torch.dtype = torch.float64, progress: bool = True,
                         return_statistics: bool = False) -> InitReport:
     """Run `config.init` on the adapters of `model_or_engine` (a model or a DeepSpeedEngine).
 
@@ -180,7 +181,9 @@ def initialize_adapters(model_or_engine, config: Optional[AdapterConfig] = None,
         more forward/backward passes, less statistics memory. None = one pass.
     reduce_every_step: reduce each micro-batch's statistics to their owners at once, so no rank holds
         more than one micro-batch of non-owned statistics.
-    stats_dtype: accumulation precision (fp32; float64 for tests). solve_dtype: defaults to stats_dtype.
+    stats_dtype: accumulation precision; default fp32, or what the method asks for (LoRA-DA: float64).
+    solve_dtype: precision of the per-layer solves (default float64: cheap next to collection, and
+        the factorizations of ill-conditioned factors need it); factors are cast once when written.
     return_statistics: keep each owned layer's normalized statistics in `report.statistics` (tests).
     Collective: every rank calls it with the same config. Leaves no trace: no gradients, no optimizer
     state, no hooks, train/eval modes and requires_grad as before.
@@ -202,7 +205,7 @@ def initialize_adapters(model_or_engine, config: Optional[AdapterConfig] = None,
     method = get_method(config.init)
     opts = method.resolve_options(dict(config.init_options))
     stats = method.stats_needed(opts)
-    solve_dtype = solve_dtype or stats_dtype
+    stats_dtype = stats_dtype or method.stats_dtype or torch.float32
     needs_w = WEIGHT in method.needs
     device = _model_device(module)
     phases = {k: 0.0 for k in ("count", "collect", "reduce", "gather", "solve", "write")}
@@ -364,11 +367,13 @@ def initialize_adapters(model_or_engine, config: Optional[AdapterConfig] = None,
     report.solve_wall = sum(max(rr[k] for rr in per_round) for k in range(len(round_solve)))
     report.solve_load = [sum(rr) for rr in per_round]
     report.phases = phases
-    gathered = comm.all_gather_object({"phases": phases, "sent": comm.sent, "ar": comm.allreduce_equivalent,
+    gathered = comm.all_gather_object({"phases": phases, "sent": comm.sent, "red": comm.reduce_sent,
+                                       "ar": comm.allreduce_equivalent,
                                        "stats": stats_peak, "weight": weight_peak, "rss": _rss_mib(),
                                        "info": report.layer_info})
     report.phases_per_rank = [g["phases"] for g in gathered]
     report.bytes_sent_per_rank = [g["sent"] for g in gathered]
+    report.reduce_bytes_per_rank = [g["red"] for g in gathered]
     report.allreduce_bytes_per_rank = [g["ar"] for g in gathered]
     report.stats_peak_bytes_per_rank = [g["stats"] for g in gathered]
     report.weight_peak_bytes_per_rank = [g["weight"] for g in gathered]

@@ -73,6 +73,10 @@ class Method:
     writes_weight = False
     options: Dict = {}
     reference = ""
+    # Accumulation precision the solve needs; None = the engine's default (fp32). A method that
+    # inverts the factors (LoRA-DA) asks for float64: fp32 sums of Σxᵀx change with the summation
+    # order (batching, world size) enough to swap near-degenerate eigenvectors of its Ω.
+    stats_dtype: Optional[torch.dtype] = None
 
     @property
     def needs_backward(self) -> bool:

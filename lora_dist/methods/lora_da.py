@@ -50,6 +50,7 @@ class LoRADA(Method):
     options = {"beta": 0.03, "gamma": 1024.0, "damping": 1e-6, "n_train": None, "fisher": "diag",
                "ablation": None, "lobpcg_niter": 10, "solver": "lobpcg"}
     reference = "Zhang et al., LoRA-DA; code zqy0126/LoRA-DA @928f484"
+    stats_dtype = torch.float64  # Ω's small eigenvectors are sensitive to fp32 summation order
 
     def check_options(self, o):
         if o["fisher"] not in ("diag", "full"):

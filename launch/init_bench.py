@@ -1,0 +1,200 @@
+"""Benchmark of the distributed init engine (prints a table; not a test).
+
+    python launch/init_bench.py                      # defaults: LoRA-DA on a 4-layer h=512 Llama
+    python launch/init_bench.py --init pissa --layers 6
+
+It launches itself with the real DeepSpeed launcher (CPU: DS_ACCELERATOR=cpu, gloo) and measures,
+side by side in one run:
+  1. solve-phase speedup, 2 ranks vs 1 (one thread per rank in both, so the comparison is of the
+     distribution, not of BLAS threading): Σ over rounds of the slowest rank's solve time;
+  2. per-rank peak memory of init (layer groups on) versus one training step on the same config:
+     the rise of the process's resident-set high-water mark over its level just before the phase,
+     each phase in its own fresh processes;
+  3. bytes each rank sent reducing statistics to their owners, versus an all-reduce design.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", default="lora_da")
+    p.add_argument("--kind", default="lora_fa")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--ffn", type=int, default=1376)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--r", type=int, default=8)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--micro", type=int, default=4)
+    p.add_argument("--layer_groups", type=int, default=None,
+                   help="passes for the memory comparison (default: one per round, the least memory)")
+    p.add_argument("--out", default=None, help="write the table as JSON here")
+    p.add_argument("--worker", choices=["init", "train"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--report", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--groups", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    for k in ("hidden", "ffn", "layers", "r", "samples", "seq", "micro"):
+        if getattr(a, k) <= 0:
+            p.error(f"--{k} must be positive, got {getattr(a, k)}")
+    return a
+
+
+def _rss_now_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+def _rss_peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _batches(args, rank, world, vocab):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (args.samples, args.seq), generator=g)
+    mine = ids[rank::world]
+    out = []
+    for s in range(0, len(mine), args.micro):
+        x = mine[s:s + args.micro]
+        lab = x.clone()
+        lab[:, : args.seq // 4] = -100  # a prompt without loss
+        out.append({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": lab})
+    return out
+
+
+def worker(args):
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    sys.path.insert(0, REPO)
+    import lora_dist as ld
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed(dist_backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ds = {"train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": 1,
+          "train_batch_size": args.micro * world,
+          "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+          "zero_optimization": {"stage": 3}, "steps_per_print": 10 ** 9}
+    keep = HfDeepSpeedConfig(ds)  # noqa: F841  (from_pretrained builds under zero.Init)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    init = args.init if args.worker == "init" else "kaiming"
+    opts = {"n_train": 10000} if init == "lora_da" else {}
+    cfg = ld.AdapterConfig(kind=args.kind, init=init, r=args.r, alpha=2 * args.r, target_modules=TARGETS,
+                           init_options=opts)
+    ld.inject_adapters(model, cfg)
+    engine, *_ = deepspeed.initialize(model=model, config=ds,
+                                      model_parameters=[p for p in model.parameters() if p.requires_grad])
+    batches = _batches(args, rank, world, model.config.vocab_size)
+    dist.barrier()
+    before = _rss_now_mib()
+    result = {"rank": rank, "world": world}
+    if args.worker == "init":
+        rep = ld.initialize_adapters(engine, cfg, batches, layer_groups=args.groups, progress=False)
+        result.update(solve_wall=rep.solve_wall, solve_load=rep.solve_load, sent=rep.reduce_bytes_per_rank,
+                      allreduce=rep.allreduce_bytes_per_rank, stats_peak=rep.stats_peak_bytes_per_rank,
+                      passes=rep.passes, n_layers=rep.n_layers, phases=rep.phases_per_rank,
+                      balance=rep.plan.balance())
+    else:
+        engine.train()
+        out = engine(**batches[0])
+        engine.backward(out.loss)
+        engine.step()
+    result["rss_rise_mib"] = _rss_peak_mib() - before
+    all_results = [None] * world
+    dist.all_gather_object(all_results, result)
+    if rank == 0:
+        with open(args.report, "w") as f:
+            json.dump(all_results, f)
+
+
+def launch(args, nproc, mode, model_dir, report, groups=None):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(nproc),
+           "--master_port", str(port), os.path.abspath(__file__), "--worker", mode, "--model", model_dir,
+           "--report", report, "--init", args.init, "--kind", args.kind, "--r", str(args.r),
+           "--samples", str(args.samples), "--seq", str(args.seq), "--micro", str(args.micro)]
+    if groups:
+        cmd += ["--groups", str(groups)]
+    p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"benchmark launch failed ({' '.join(cmd)}):\n{(p.stdout + p.stderr)[-4000:]}")
+    with open(report) as f:
+        return json.load(f)
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.worker:
+        return worker(args)
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tmp = tempfile.mkdtemp(prefix="init_bench_")
+    model_dir = os.path.join(tmp, "model")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=args.hidden, intermediate_size=args.ffn,
+                      num_hidden_layers=args.layers, num_attention_heads=max(1, args.hidden // 64),
+                      num_key_value_heads=max(1, args.hidden // 64), max_position_embeddings=max(128, args.seq))
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(model_dir)
+    n_layers = 7 * args.layers
+    print(f"init_bench: {args.init} (kind {args.kind}, r={args.r}) on a {args.layers}-layer Llama "
+          f"h={args.hidden} ffn={args.ffn}: {n_layers} adapted layers; {args.samples} samples × {args.seq} tokens, "
+          f"micro-batch {args.micro}; 1 thread per rank", flush=True)
+    one = launch(args, 1, "init", model_dir, os.path.join(tmp, "one.json"))
+    two = launch(args, 2, "init", model_dir, os.path.join(tmp, "two.json"))
+    rounds = -(-n_layers // 2)  # one unit per rank per round at most: groups = rounds is the minimum
+    groups = args.layer_groups or max(1, len(two[0]["solve_load"]) and rounds)
+    mem_init = launch(args, 2, "init", model_dir, os.path.join(tmp, "mem_init.json"), groups=groups)
+    mem_train = launch(args, 2, "train", model_dir, os.path.join(tmp, "mem_train.json"))
+
+    speedup = one[0]["solve_wall"] / two[0]["solve_wall"]
+    rows = [("solve wall, 1 rank (s)", f"{one[0]['solve_wall']:.3f}"),
+            ("solve wall, 2 ranks (s)", f"{two[0]['solve_wall']:.3f}"),
+            ("solve-phase speedup 2 vs 1", f"{speedup:.2f}x"),
+            ("solve load per rank, 2 ranks (s)", " / ".join(f"{x:.3f}" for x in two[0]["solve_load"])),
+            ("plan balance (max/mean cost)", f"{two[0]['balance']:.3f}")]
+    for r in range(2):
+        ri, rt = mem_init[r]["rss_rise_mib"], mem_train[r]["rss_rise_mib"]
+        rows.append((f"rank {r}: init peak rise, {mem_init[0]['passes']} passes (MiB)", f"{ri:.1f}"))
+        rows.append((f"rank {r}: train-step peak rise (MiB)", f"{rt:.1f}"))
+        rows.append((f"rank {r}: init / train-step peak", f"{ri / rt:.2f}"))
+    for r in range(2):
+        rows.append((f"rank {r}: stats bytes sent, reduce-to-owner (MiB)", f"{two[0]['sent'][r] / 2**20:.2f}"))
+        rows.append((f"rank {r}: same reductions as all-reduce (MiB)", f"{two[0]['allreduce'][r] / 2**20:.2f}"))
+    rows.append(("reduce-to-owner / all-reduce bytes", f"{sum(two[0]['sent']) / max(1, sum(two[0]['allreduce'])):.2f}"))
+    w = max(len(k) for k, _ in rows)
+    print("-" * (w + 14))
+    for k, v in rows:
+        print(f"{k:<{w}}  {v:>10}")
+    print("-" * (w + 14))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"one": one, "two": two, "mem_init": mem_init, "mem_train": mem_train,
+                       "speedup": speedup}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""The calibration set the invariance tests share: 48 variable-length samples, deterministic
+(about 900 positions: A_in of every layer is well-conditioned)."""
+import torch
+
+
+def calibration_samples(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        t = 14 + (i * 5) % 11
+        ids = torch.randint(1, 128, (t,), generator=g)
+        labels = ids.clone()
+        labels[: 2 + i % 3] = -100
+        out.append((ids, labels))
+    return out
+
+
+def make_batches(smp, micro):
+    out = []
+    for s in range(0, len(smp), micro):
+        chunk = smp[s:s + micro]
+        T = max(len(i) for i, _ in chunk)
+        ids = torch.zeros(len(chunk), T, dtype=torch.long)
+        lab = torch.full((len(chunk), T), -100)
+        am = torch.zeros(len(chunk), T, dtype=torch.long)
+        for j, (i, l) in enumerate(chunk):
+            ids[j, :len(i)], lab[j, :len(i)], am[j, :len(i)] = i, l, 1
+        out.append({"input_ids": ids, "attention_mask": am, "labels": lab})
+    return out
+
+
+METHODS = {"lora_da": dict(kind="lora", init="lora_da", init_options={"n_train": 1000}),
+           "lora_da_fa": dict(kind="lora_fa", init="lora_da", init_options={"n_train": 1000, "fisher": "full"}),
+           "pissa": dict(kind="lora", init="pissa")}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
