@@ -24,6 +24,9 @@ def _env():
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"
+    # DeepSpeed JIT-builds a comm op with the first `ninja` on PATH and rebuilds it when that changes:
+    # append the venv's bin (for a venv-only ninja) rather than prepend it.
+    env["PATH"] = env.get("PATH", "") + os.pathsep + os.path.dirname(sys.executable)
     return env
 
 
