@@ -1,0 +1,36 @@
+"""Start torch.distributed the way the job was launched: deepspeed / torchrun (RANK set), mpirun
+(MPI environment, discovered by DeepSpeed through mpi4py), or plain `python` (a world of one)."""
+from __future__ import annotations
+
+import os
+import socket
+
+MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
+
+
+def launched_by() -> str:
+    if "RANK" in os.environ:
+        return "launcher"
+    if any(v in os.environ for v in MPI_VARS):
+        return "mpi"
+    return "single"
+
+
+def init_distributed() -> str:
+    """Initialize the process group; returns how the job was launched."""
+    import deepspeed
+    how = launched_by()
+    if how == "single":
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+    elif how == "mpi":
+        try:
+            import mpi4py  # noqa: F401
+        except ImportError:
+            raise SystemExit("this job was started by mpirun, but mpi4py is not installed: "
+                             "pip install 'lora_dist[mpi]' (and an MPI runtime)") from None
+    deepspeed.init_distributed()
+    return how
