@@ -32,5 +32,6 @@ def init_distributed() -> str:
         except ImportError:
             raise SystemExit("this job was started by mpirun, but mpi4py is not installed: "
                              "pip install 'lora_dist[mpi]' (and an MPI runtime)") from None
-    deepspeed.init_distributed()
+    # DeepSpeed's MPI discovery sets MASTER_PORT to its argument (default 29500): pass ours through
+    deepspeed.init_distributed(distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     return how

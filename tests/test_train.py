@@ -134,3 +134,19 @@ def test_bad_inputs_fail_before_training(tmp_path):
     r = run("--config", str(cfg))
     assert r.returncode != 0 and "unknown keys ['lrr']" in r.stderr
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_mpirun_path(tmp_path):
+    """`mpirun -np 2 python launch/train.py`: ranks discovered through mpi4py."""
+    pytest.importorskip("mpi4py")  # installed by the test extra (mpi4py + the mpich wheel)
+    mpirun = shutil.which("mpirun", path=os.path.dirname(sys.executable)) or shutil.which("mpirun")
+    assert mpirun, "no mpirun: install the test extra (mpich) or an MPI runtime"
+    d = str(tmp_path / "mpi")
+    env = _env()
+    env["MASTER_PORT"] = str(free_port())
+    p = subprocess.run([mpirun, "-np", "2", sys.executable, TRAIN, *SMALL, "--max_steps", "2", "--save_every", "100",
+                        "--init", "kaiming", "--output_dir", d], env=env, cwd=REPO, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    assert "2 rank(s)" in p.stdout and len(_metrics(d)) == 2
