@@ -8,8 +8,9 @@ side by side in one run:
   1. solve-phase speedup, 2 ranks vs 1 (one thread per rank in both, so the comparison is of the
      distribution, not of BLAS threading): Σ over rounds of the slowest rank's solve time;
   2. per-rank peak memory of init (layer groups on) versus one training step on the same config:
-     the rise of the process's resident-set high-water mark over its level just before the phase,
-     each phase in its own fresh processes;
+     the peak of heap bytes in use (glibc mallinfo2: what CPU tensors occupy, whatever the allocator
+     keeps cached), sampled by a thread during the phase, minus the level just before it; each phase
+     runs once to warm up (lazy library loads, first-touch buffers) and is measured the second time;
   3. bytes each rank sent reducing statistics to their owners, versus an all-reduce design.
 """
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -53,13 +53,44 @@ def parse(argv=None):
     return a
 
 
-def _rss_now_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+class HeapPeak:
+    """Peak of malloc's in-use bytes during a block, sampled every ~0.5 ms by a thread (CPU)."""
 
+    def __init__(self):
+        import ctypes
+        import threading
 
-def _rss_peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = MallInfo2
+        self._info = libc.mallinfo2
+        self._threading = threading
+
+    def in_use(self) -> int:
+        m = self._info()
+        return m.uordblks + m.hblkhd  # arena bytes in use + mmapped chunks (large tensors)
+
+    def __enter__(self):
+        self.start = self.peak = self.in_use()
+        self._stop = self._threading.Event()
+
+        def poll():
+            while not self._stop.wait(0.0005):
+                self.peak = max(self.peak, self.in_use())
+        self._thread = self._threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.in_use())
+
+    @property
+    def rise_mib(self) -> float:
+        return (self.peak - self.start) / 2 ** 20
 
 
 def _batches(args, rank, world, vocab):
@@ -103,21 +134,27 @@ def worker(args):
     engine, *_ = deepspeed.initialize(model=model, config=ds,
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
     batches = _batches(args, rank, world, model.config.vocab_size)
-    dist.barrier()
-    before = _rss_now_mib()
     result = {"rank": rank, "world": world}
-    if args.worker == "init":
-        rep = ld.initialize_adapters(engine, cfg, batches, layer_groups=args.groups, progress=False)
-        result.update(solve_wall=rep.solve_wall, solve_load=rep.solve_load, sent=rep.reduce_bytes_per_rank,
-                      allreduce=rep.allreduce_bytes_per_rank, stats_peak=rep.stats_peak_bytes_per_rank,
-                      passes=rep.passes, n_layers=rep.n_layers, phases=rep.phases_per_rank,
-                      balance=rep.plan.balance())
-    else:
+    heap = HeapPeak()
+
+    def phase():
+        if args.worker == "init":
+            return ld.initialize_adapters(engine, cfg, batches, layer_groups=args.groups, progress=False)
         engine.train()
         out = engine(**batches[0])
         engine.backward(out.loss)
         engine.step()
-    result["rss_rise_mib"] = _rss_peak_mib() - before
+
+    for attempt in ("warm-up", "measured"):
+        dist.barrier()
+        with heap:
+            rep = phase()
+    result["heap_rise_mib"] = heap.rise_mib
+    if args.worker == "init":
+        result.update(solve_wall=rep.solve_wall, solve_load=rep.solve_load, sent=rep.reduce_bytes_per_rank,
+                      allreduce=rep.allreduce_bytes_per_rank, stats_peak=rep.stats_peak_bytes_per_rank,
+                      passes=rep.passes, n_layers=rep.n_layers, phases=rep.phases_per_rank,
+                      balance=rep.plan.balance())
     all_results = [None] * world
     dist.all_gather_object(all_results, result)
     if rank == 0:
@@ -165,8 +202,7 @@ def main(argv=None):
           f"micro-batch {args.micro}; 1 thread per rank", flush=True)
     one = launch(args, 1, "init", model_dir, os.path.join(tmp, "one.json"))
     two = launch(args, 2, "init", model_dir, os.path.join(tmp, "two.json"))
-    rounds = -(-n_layers // 2)  # one unit per rank per round at most: groups = rounds is the minimum
-    groups = args.layer_groups or max(1, len(two[0]["solve_load"]) and rounds)
+    groups = args.layer_groups or n_layers  # as many passes as rounds: the least statistics memory
     mem_init = launch(args, 2, "init", model_dir, os.path.join(tmp, "mem_init.json"), groups=groups)
     mem_train = launch(args, 2, "train", model_dir, os.path.join(tmp, "mem_train.json"))
 
@@ -177,7 +213,7 @@ def main(argv=None):
             ("solve load per rank, 2 ranks (s)", " / ".join(f"{x:.3f}" for x in two[0]["solve_load"])),
             ("plan balance (max/mean cost)", f"{two[0]['balance']:.3f}")]
     for r in range(2):
-        ri, rt = mem_init[r]["rss_rise_mib"], mem_train[r]["rss_rise_mib"]
+        ri, rt = mem_init[r]["heap_rise_mib"], mem_train[r]["heap_rise_mib"]
         rows.append((f"rank {r}: init peak rise, {mem_init[0]['passes']} passes (MiB)", f"{ri:.1f}"))
         rows.append((f"rank {r}: train-step peak rise (MiB)", f"{rt:.1f}"))
         rows.append((f"rank {r}: init / train-step peak", f"{ri / rt:.2f}"))
