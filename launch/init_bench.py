@@ -36,15 +36,18 @@ def parse(argv=None):
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--r", type=int, default=8)
     p.add_argument("--samples", type=int, default=32)
-    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--seq", type=int, default=256)
     p.add_argument("--micro", type=int, default=4)
     p.add_argument("--layer_groups", type=int, default=None,
                    help="passes for the memory comparison (default: one per round, the least memory)")
+    p.add_argument("--calib_micro", type=int, default=1,
+                   help="calibration sub-batch for the memory comparison (statistics do not depend on it)")
     p.add_argument("--out", default=None, help="write the table as JSON here")
     p.add_argument("--worker", choices=["init", "train"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--report", default=None, help=argparse.SUPPRESS)
     p.add_argument("--groups", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--calib_micro_used", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     for k in ("hidden", "ffn", "layers", "r", "samples", "seq", "micro"):
@@ -139,7 +142,8 @@ def worker(args):
 
     def phase():
         if args.worker == "init":
-            return ld.initialize_adapters(engine, cfg, batches, layer_groups=args.groups, progress=False)
+            return ld.initialize_adapters(engine, cfg, batches, layer_groups=args.groups, progress=False,
+                                          micro_batch=args.calib_micro_used)
         engine.train()
         out = engine(**batches[0])
         engine.backward(out.loss)
@@ -174,7 +178,7 @@ def launch(args, nproc, mode, model_dir, report, groups=None):
            "--report", report, "--init", args.init, "--kind", args.kind, "--r", str(args.r),
            "--samples", str(args.samples), "--seq", str(args.seq), "--micro", str(args.micro)]
     if groups:
-        cmd += ["--groups", str(groups)]
+        cmd += ["--groups", str(groups), "--calib_micro_used", str(args.calib_micro)]
     p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"benchmark launch failed ({' '.join(cmd)}):\n{(p.stdout + p.stderr)[-4000:]}")
@@ -214,7 +218,8 @@ def main(argv=None):
             ("plan balance (max/mean cost)", f"{two[0]['balance']:.3f}")]
     for r in range(2):
         ri, rt = mem_init[r]["heap_rise_mib"], mem_train[r]["heap_rise_mib"]
-        rows.append((f"rank {r}: init peak rise, {mem_init[0]['passes']} passes (MiB)", f"{ri:.1f}"))
+        rows.append((f"rank {r}: init peak rise, {mem_init[0]['passes']} passes, sub-batch {args.calib_micro} (MiB)",
+                     f"{ri:.1f}"))
         rows.append((f"rank {r}: train-step peak rise (MiB)", f"{rt:.1f}"))
         rows.append((f"rank {r}: init / train-step peak", f"{ri / rt:.2f}"))
     for r in range(2):

@@ -169,8 +169,8 @@ def initialize_adapters(model_or_engine, config: Optional[AdapterConfig] = None,
                         batches: Optional[Iterable[dict]] = None, *, n_train: Optional[int] = None,
                         lr: Optional[float] = None, layer_groups: Optional[int] = None,
                         reduce_every_step: bool = False, stats_dtype: Optional[torch.dtype] = None,
-                        solve_dtype: torch.dtype = torch.float64, progress: bool = True,
-                        return_statistics: bool = False) -> InitReport:
+                        solve_dtype: torch.dtype = torch.float64, micro_batch: Optional[int] = None,
+                        progress: bool = True, return_statistics: bool = False) -> InitReport:
     """Run `config.init` on the adapters of `model_or_engine` (a model or a DeepSpeedEngine).
 
     batches: this rank's shard of the calibration samples, an iterable of dicts with input_ids,
@@ -181,6 +181,9 @@ def initialize_adapters(model_or_engine, config: Optional[AdapterConfig] = None,
         more forward/backward passes, less statistics memory. None = one pass.
     reduce_every_step: reduce each micro-batch's statistics to their owners at once, so no rank holds
         more than one micro-batch of non-owned statistics.
+    micro_batch: split the given batches into sub-batches of at most this many samples (trailing
+        all-padding columns trimmed): less activation memory, same result (statistics do not depend
+        on batching).
     stats_dtype: accumulation precision; default fp32, or what the method asks for (LoRA-DA: float64).
     solve_dtype: precision of the per-layer solves (default float64: cheap next to collection, and
         the factorizations of ill-conditioned factors need it); factors are cast once when written.
@@ -215,6 +218,10 @@ def initialize_adapters(model_or_engine, config: Optional[AdapterConfig] = None,
     t0 = time.perf_counter()
     if stats:
         batches = _check_batches(list(batches) if batches is not None else [], needs_labels=method.needs_backward)
+        if micro_batch:
+            if micro_batch < 1:
+                raise ConfigError(f"initialize_adapters: micro_batch must be >= 1, got {micro_batch}")
+            batches = [sub for b in batches for sub in _split(b, micro_batch)]
         local = [0.0, 0.0, 0.0]
         for b in batches:
             _, n_i = _sample_token_counts(b["labels"])
@@ -268,7 +275,7 @@ def initialize_adapters(model_or_engine, config: Optional[AdapterConfig] = None,
                     m = mods[n]
                     owner = plan.owner_of(n)
                     for key, shape in slot_shapes(stats, m.out_features, m.in_features, input_owner[n] == n).items():
-                        local_t = sums.get(n, {}).get(key)
+                        local_t = sums.get(n, {}).pop(key, None)  # dropped once reduced: no copy lingers
                         if local_t is None:
                             local_t = torch.zeros(shape, dtype=stats_dtype, device=device)
                         red = comm.reduce_to(local_t, owner)
@@ -325,7 +332,7 @@ def initialize_adapters(model_or_engine, config: Optional[AdapterConfig] = None,
             phases["gather"] += time.perf_counter() - t
 
             t = time.perf_counter()
-            sols, err = {}, None
+            sols, err, cfg_err = {}, None, None
             for n in mine:
                 m = mods[n]
                 prob = LayerProblem(name=n, d_out=m.out_features, d_in=m.in_features, r=config.r,
@@ -339,8 +346,9 @@ def initialize_adapters(model_or_engine, config: Optional[AdapterConfig] = None,
                     for what, v in (("A", sol.A), ("B", sol.B), ("R", sol.R)):
                         if v is not None and not torch.isfinite(v).all():
                             raise FloatingPointError(f"non-finite {what}")
-                except ConfigError:
-                    raise
+                except ConfigError as e:  # raised on every rank below, as a ConfigError
+                    cfg_err = str(e)
+                    break
                 except Exception as e:  # named and raised on every rank below
                     err = f"layer {n!r}: {type(e).__name__}: {e} (phase: solve)"
                     break
@@ -350,6 +358,7 @@ def initialize_adapters(model_or_engine, config: Optional[AdapterConfig] = None,
             phases["solve"] += solve_t
             round_solve.append(solve_t)
             W_mine.clear()
+            comm.raise_if_any(cfg_err, ConfigError)
             comm.raise_if_any(err, FloatingPointError)
 
             t = time.perf_counter()
@@ -426,6 +435,19 @@ def _normalized(name, totals, input_owner, stats, n_pos) -> dict:
         out[OUTPUT_GRAD_DIAG] = t["G_diag"] / n_pos
     if OUTPUT_GRAD_FULL in stats:
         out[OUTPUT_GRAD_FULL] = t["G_full"] / n_pos
+    return out
+
+
+def _split(b: dict, k: int) -> list:
+    """Sub-batches of at most k rows, each cut after its last attended column."""
+    out = []
+    n = b["input_ids"].shape[0]
+    for s in range(0, n, k):
+        sub = {key: (v[s:s + k] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v)
+               for key, v in b.items()}
+        cols = sub["attention_mask"].bool().any(0).nonzero()
+        width = int(cols.max()) + 1 if len(cols) else 1
+        out.append({key: (v[:, :width] if torch.is_tensor(v) and v.dim() == 2 else v) for key, v in sub.items()})
     return out
 
 

@@ -5,6 +5,9 @@ import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread: the launched ranks share the 2 cores with this process, and small solves run far
+# slower with oversubscribed BLAS threads.
+torch.set_num_threads(1)
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)

@@ -137,7 +137,8 @@ def _adapters(model):
 
 
 @pytest.mark.parametrize("variant", [dict(micro=1), dict(micro=5), dict(micro=2, layer_groups=3),
-                                     dict(micro=2, reduce_every_step=True), dict(micro=3, checkpointing=True),
+                                     dict(micro=2, reduce_every_step=True), dict(micro=5, micro_batch=2),
+                                     dict(micro=3, checkpointing=True),
                                      dict(micro=3, checkpointing=False)])
 def test_result_is_invariant_to_batching_groups_and_checkpointing(variant):
     # Well-posed: more positions than d_in, so A_in is full rank and Ω's small eigenvalues separate;
