@@ -16,17 +16,10 @@ def calibration_samples(n=48, seed=0):
 
 
 def make_batches(smp, micro):
-    out = []
-    for s in range(0, len(smp), micro):
-        chunk = smp[s:s + micro]
-        T = max(len(i) for i, _ in chunk)
-        ids = torch.zeros(len(chunk), T, dtype=torch.long)
-        lab = torch.full((len(chunk), T), -100)
-        am = torch.zeros(len(chunk), T, dtype=torch.long)
-        for j, (i, l) in enumerate(chunk):
-            ids[j, :len(i)], lab[j, :len(i)], am[j, :len(i)] = i, l, 1
-        out.append({"input_ids": ids, "attention_mask": am, "labels": lab})
-    return out
+    """Right-padded micro-batches of (input_ids, labels) samples, by the library's own collator."""
+    from lora_dist.data import collate
+    return [collate([{"input_ids": i, "labels": l} for i, l in smp[s:s + micro]], pad_id=0)
+            for s in range(0, len(smp), micro)]
 
 
 METHODS = {"lora_da": dict(kind="lora", init="lora_da", init_options={"n_train": 1000}),

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import lora_dist as ld
+from calib_data import make_batches
 from conftest import tiny_llama
 from lora_dist.methods import INPUT_MOMENT, OUTPUT_GRAD_DIAG, OUTPUT_GRAD_FULL, WEIGHT_GRADIENT
 
@@ -25,18 +26,7 @@ def samples(n=5, seed=0, base_len=6):
 
 
 def batches(smp, micro):
-    """Right-padded micro-batches, as a collator would make them."""
-    out = []
-    for s in range(0, len(smp), micro):
-        chunk = smp[s:s + micro]
-        T = max(len(i) for i, _ in chunk)
-        ids = torch.zeros(len(chunk), T, dtype=torch.long)
-        lab = torch.full((len(chunk), T), -100)
-        am = torch.zeros(len(chunk), T, dtype=torch.long)
-        for j, (i, l) in enumerate(chunk):
-            ids[j, :len(i)], lab[j, :len(i)], am[j, :len(i)] = i, l, 1
-        out.append({"input_ids": ids, "attention_mask": am, "labels": lab})
-    return out
+    return make_batches(smp, micro)
 
 
 def reference_statistics(smp, weighting="sample_mean"):

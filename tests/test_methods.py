@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora_dist as ld
+from calib_data import make_batches
 from conftest import tiny_llama
 from lora_dist.adapters import adapter_modules, generator_for, seed_for
 from lora_dist.config import COMPATIBLE_INITS, DATA_FREE_INITS, INITS, KINDS
@@ -46,18 +47,8 @@ def make_samples(n=16, seed=0):
 
 
 def collate(smp, micro=3):
-    """Right-padded micro-batches."""
-    out = []
-    for s in range(0, len(smp), micro):
-        chunk = smp[s:s + micro]
-        T = max(len(i) for i, _ in chunk)
-        ids = torch.zeros(len(chunk), T, dtype=torch.long)
-        lab = torch.full((len(chunk), T), -100)
-        am = torch.zeros(len(chunk), T, dtype=torch.long)
-        for j, (i, l) in enumerate(chunk):
-            ids[j, :len(i)], lab[j, :len(i)], am[j, :len(i)] = i, l, 1
-        out.append({"input_ids": ids, "attention_mask": am, "labels": lab})
-    return out
+    """Right-padded micro-batches (the library's collator)."""
+    return make_batches(smp, micro)
 
 
 SAMPLES = make_samples()

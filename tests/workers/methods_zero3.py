@@ -16,7 +16,11 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-import lora_dist as ld
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import lora_dist as ld  # noqa: E402
+from calib_data import make_batches  # noqa: E402
 from lora_dist.adapters import adapter_modules
 from lora_dist.methods import METHODS
 from lora_dist.zero import read_full
@@ -54,17 +58,7 @@ def calibration_batches(n_samples=12, micro=2, seed=0):
         labels = ids.clone()
         labels[: 2 + i % 3] = -100
         smp.append((ids, labels))
-    out = []
-    for s in range(0, n_samples, micro):
-        chunk = smp[s:s + micro]
-        T = max(len(i) for i, _ in chunk)
-        ids = torch.zeros(len(chunk), T, dtype=torch.long)
-        lab = torch.full((len(chunk), T), -100)
-        am = torch.zeros(len(chunk), T, dtype=torch.long)
-        for j, (i, l) in enumerate(chunk):
-            ids[j, :len(i)], lab[j, :len(i)], am[j, :len(i)] = i, l, 1
-        out.append({"input_ids": ids, "attention_mask": am, "labels": lab})
-    return out
+    return make_batches(smp, micro)
 
 
 def config_for(label):
