@@ -177,12 +177,13 @@ def main(argv=None):
     epochs = math.ceil(total_steps / steps_per_epoch)
     from transformers import AutoConfig
     hidden = getattr(AutoConfig.from_pretrained(model_dir), "hidden_size", None)
+    warmup_steps = warmup_steps_from_ratio(total_steps, args.warmup_ratio)
     try:
         ds_config = prepare_ds_config(args.ds_config, world_size=world, train_batch_size=args.batch_size,
                                       micro_batch_size=args.micro_batch_size, lr=args.lr,
                                       weight_decay=args.weight_decay, betas=(0.9, 0.999), eps=1e-8,
                                       total_steps=total_steps,
-                                      warmup_steps=warmup_steps_from_ratio(total_steps, args.warmup_ratio),
+                                      warmup_steps=warmup_steps,
                                       bf16=args.bf16, gradient_clipping=args.max_grad_norm, hidden_size=hidden)
     except DeepSpeedConfigError as e:
         raise SystemExit(str(e))
@@ -220,7 +221,8 @@ def main(argv=None):
     if config.needs_initialize and not resume_tag:
         calib = data.calibration_indices(len(train_ds), args.init_samples, seed=args.seed)
         mine = calib[rank::world]
-        first_lr = scheduler.get_lr()[0] if scheduler is not None else args.lr
+        # LoRA-SB's η: the LR of the first warm-up step that moves the weights (linear warm-up from 0)
+        first_lr = args.lr / max(1, warmup_steps)
         init_report = ld.initialize_adapters(engine, config, data.batches(train_ds, mine, args.micro_batch_size, pad_id),
                                              n_train=len(train_ds), lr=first_lr)
         log(init_report.summary())
