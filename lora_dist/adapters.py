@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .zero import full_shape, gathered, is_partitioned, rank
+from .zero import gathered, is_partitioned, rank
 
 
 def seed_for(seed: int, name: str) -> int:
@@ -294,6 +294,3 @@ def merge_module(m: AdapterLinear) -> None:
                 m.weight.data.copy_(m.merged_weight().to(m.weight.dtype))
     m.merged = True
 
-
-def full_weight_shape(m: AdapterLinear):
-    return full_shape(m.weight)

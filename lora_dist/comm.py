@@ -77,7 +77,7 @@ class Comm:
         if self.on:
             dist.broadcast(t, src=src)
             if self.rank == src:
-                self.sent += nb_total(t, self.world - 1)
+                self.sent += _nbytes(t) * (self.world - 1)
         return t
 
     def broadcast_object(self, obj, src: int):
@@ -137,6 +137,3 @@ class Comm:
         with torch.no_grad():
             shard.copy_(out)
 
-
-def nb_total(t: torch.Tensor, copies: int) -> int:
-    return _nbytes(t) * copies
