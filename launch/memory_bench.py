@@ -12,10 +12,15 @@ Part 1 (the table; model configs only, meta device, no weights):
 Part 2 (measured against predicted): a real training step on small models on this machine's CPU
 (saved-activation bytes and process peak memory, each configuration in a fresh process), against
 the meta-device prediction. With CUDA available it also measures torch.cuda.max_memory_allocated
-and tokens/s for LoRA, LoRA-FA and ZeRO-3 + offload; without a GPU it says so.
+and tokens/s for LoRA, LoRA-FA and ZeRO-3 + offload (one fresh process per row); without a GPU it
+says so.
+
+Part 3 (GPU only, --gpu-only): those GPU rows for each PRESET:BATCH:SEQ in --gpu-runs, written to
+<out>/memory_gpu.md.
 
     python launch/memory_bench.py                      # everything, writes docs/
     python launch/memory_bench.py --models llama2-70b --skip-measure
+    python launch/memory_bench.py --gpu-only --gpu-runs small-llama:2:256,llama2-7b:4:1024
 """
 from __future__ import annotations
 
@@ -58,6 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--measure-batch", type=int, default=2)
     p.add_argument("--measure-seq", type=int, default=256)
     p.add_argument("--measure-modes", default=",".join(MEASURE_MODES))
+    p.add_argument("--gpu-only", action="store_true",
+                   help="run only the GPU measurements (--gpu-runs) and write <out>/memory_gpu.md")
+    p.add_argument("--gpu-runs", default=None,
+                   help="comma-separated PRESET:BATCH:SEQ for the GPU measurements "
+                        "(default: the --measure-preset/batch/seq of the CPU step)")
     return p.parse_args(argv)
 
 
@@ -76,6 +86,17 @@ def _validate(args):
             raise MemoryConfigError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.reserve_gib < 0:
         raise MemoryConfigError(f"--reserve-gib must be >= 0, got {args.reserve_gib}")
+    gpu_runs = []
+    for item in (args.gpu_runs or f"{args.measure_preset}:{args.measure_batch}:{args.measure_seq}").split(","):
+        parts = item.split(":")
+        if len(parts) != 3 or not parts[1].isdigit() or not parts[2].isdigit():
+            raise MemoryConfigError(f"--gpu-runs entry {item!r} is not PRESET:BATCH:SEQ (e.g. small-llama:2:256)")
+        if parts[0] not in known:
+            raise MemoryConfigError(f"--gpu-runs: unknown preset {parts[0]!r}; known presets: {known}")
+        if int(parts[1]) < 1 or int(parts[2]) < 1:
+            raise MemoryConfigError(f"--gpu-runs entry {item!r}: batch and sequence length must be >= 1")
+        gpu_runs.append((parts[0], int(parts[1]), int(parts[2])))
+    args.gpu_runs_parsed = gpu_runs
     modes = [m for m in args.measure_modes.split(",") if m]
     for m in modes:
         if m not in MODES:
@@ -260,13 +281,13 @@ def cuda_rows(preset, batch, seq):
     import torch
     if not torch.cuda.is_available():
         return None
-    from lora_dist.memory import run_cuda_step, simulate_step
+    from lora_dist.memory import measure_cuda_step, simulate_step
     config = load_preset(preset)
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / GiB
     out = []
     for mode, offload in (("lora", False), ("lora_fa", False), ("lora", True)):
         spec = TrainSpec(mode=mode, batch_size=batch, seq_len=seq, dtype="bfloat16")
-        res = run_cuda_step(config, spec, zero_offload=offload)
+        res = measure_cuda_step(preset, spec, zero_offload=offload)
         if offload:
             plan = plan_memory(config, spec, Cluster(nodes=1, gpus_per_node=1, gpu_memory_gib=gpu_gib),
                                ZeroConfig.offloaded(stage=3), reserve_gib=0.0)
@@ -277,6 +298,39 @@ def cuda_rows(preset, batch, seq):
     return out
 
 
+def gpu_section(runs):
+    """Markdown lines of the GPU measurements, one table per (preset, batch, seq); a note without CUDA."""
+    import torch
+    if not torch.cuda.is_available():
+        note = ("No GPU is available here, so torch.cuda.max_memory_allocated and tokens/s for LoRA, "
+                "LoRA-FA and ZeRO-3 + offload were not measured (the code path is "
+                "`lora_dist.memory.run_cuda_step`; this bench runs it when CUDA is available; "
+                "docs/memory_gpu.md holds a run on an H100).")
+        print(note)
+        return ["### GPU", "", note, ""]
+    name = torch.cuda.get_device_name(0)
+    md = ["### GPU", "", f"Device: {name}, torch {torch.__version__}. Predicted: `simulate_step` on the meta "
+          "device for plain PyTorch steps (AdamW over the trainable parameters); `plan_memory` for one GPU for "
+          "ZeRO-3 + offload (optimizer and parameters on CPU, torch AdamW on the CPU partitions). Measured: "
+          "`torch.cuda.max_memory_allocated` over the first step, in a fresh process per row, minus the "
+          "bytes allocated before the model was built (the cuBLAS workspaces of a warm-up matmul, shown "
+          "as 'baseline'; the plan's reserve covers them); tokens/s over the next 3 steps.", ""]
+    for preset, batch, seq in runs:
+        print(f"[gpu] {preset}, bf16, micro-batch {batch} x {seq}", flush=True)
+        md += [f"#### {preset}, bf16, micro-batch {batch} × {seq}", "",
+               "| run | predicted peak (MiB) | measured step peak (MiB) | error | baseline (MiB) | saved (MiB) | tokens/s |",
+               "|---|---:|---:|---:|---:|---:|---:|"]
+        for r, pred in cuda_rows(preset, batch, seq):
+            saved = "-" if r.saved_bytes is None else f"{r.saved_bytes / MiB:.1f}"
+            err = 100 * (pred - r.step_peak) / r.step_peak
+            line = (f"| {r.spec.label()}{' ZeRO-3 + offload' if r.zero_offload else ''} | {pred / MiB:.1f} | "
+                    f"{r.step_peak / MiB:.1f} | {err:+.1f}% | {r.baseline / MiB:.1f} | {saved} | {r.tokens_per_s:.0f} |")
+            md.append(line)
+            print(line, flush=True)
+        md += [""]
+    return md
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -285,6 +339,13 @@ def main(argv=None):
         print(f"memory_bench.py: error: {e}", file=sys.stderr)
         return 2
     os.makedirs(args.out_dir, exist_ok=True)
+    if args.gpu_only:
+        md = [f"<!-- generated by `python launch/memory_bench.py {' '.join(shlex.quote(a) for a in (argv or sys.argv[1:]))}` -->",
+              ""] + gpu_section(args.gpu_runs_parsed)
+        with open(os.path.join(args.out_dir, "memory_gpu.md"), "w") as fh:
+            fh.write("\n".join(md) + "\n")
+        print(f"wrote {args.out_dir}/memory_gpu.md")
+        return 0
     cmd = "python launch/memory_bench.py" + ("" if argv is None and len(sys.argv) == 1 else
                                              " " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
     md = [f"<!-- generated by `{cmd}`; do not edit by hand -->", ""]
@@ -342,25 +403,7 @@ def main(argv=None):
             md.append(f"| {c.spec.label().replace(' +ckpt', '')} | {'on' if c.spec.checkpointing else 'off'} | "
                       f"{c.predicted_saved / MiB:.3f} | {c.measured_saved / MiB:.3f} | {'yes' if c.saved_exact else 'NO'} | "
                       f"{c.predicted_peak / MiB:.1f} | {c.measured_peak / MiB:.1f} | {100 * c.peak_error:+.1f}% |")
-        res = cuda_rows(args.measure_preset, args.measure_batch, args.measure_seq)
-        md += [""]
-        if res is None:
-            note = ("No GPU is available here, so torch.cuda.max_memory_allocated and tokens/s for LoRA, "
-                    "LoRA-FA and ZeRO-3 + offload were not measured (the code path is "
-                    "`lora_dist.memory.run_cuda_step`; this bench runs it when CUDA is available).")
-            print(note)
-            md += ["### GPU", "", note, ""]
-        else:
-            md += ["### GPU", "", f"{args.measure_preset}, bf16, micro-batch {args.measure_batch} × {args.measure_seq}.", "",
-                   "| run | predicted peak (MiB) | max_memory_allocated (MiB) | saved (MiB) | tokens/s |",
-                   "|---|---:|---:|---:|---:|"]
-            for r, pred in res:
-                saved = "-" if r.saved_bytes is None else f"{r.saved_bytes / MiB:.1f}"
-                line = (f"| {r.spec.label()}{' ZeRO-3 + offload' if r.zero_offload else ''} | {pred / MiB:.1f} | "
-                        f"{r.max_allocated / MiB:.1f} | {saved} | {r.tokens_per_s:.0f} |")
-                md.append(line)
-                print(line)
-            md += [""]
+        md += [""] + gpu_section(args.gpu_runs_parsed)
     with open(os.path.join(args.out_dir, "memory_table.md"), "w") as fh:
         fh.write("\n".join(md) + "\n")
     print(f"wrote {args.out_dir}/memory_table.md" + ("" if args.skip_table else ", memory_table.csv, memory_plot.png"))

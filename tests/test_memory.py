@@ -386,8 +386,21 @@ def test_memory_cli_accounts_one_configuration(capsys):
     (["--clusters", "2x8,3"], "not of the form"),
     (["--max-batch", "-1"], "--max-batch must be >= 1"),
     (["--reserve-gib", "-1"], "--reserve-gib must be >= 0"),
+    (["--gpu-only", "--gpu-runs", "llama2-7b:4"], "--gpu-runs entry 'llama2-7b:4' is not PRESET:BATCH:SEQ"),
+    (["--gpu-only", "--gpu-runs", "llama3:1:8"], "--gpu-runs: unknown preset 'llama3'"),
+    (["--gpu-only", "--gpu-runs", "tiny-llama:0:8"], "batch and sequence length must be >= 1"),
 ])
 def test_bench_cli_errors(argv, needle, capsys, tmp_path):
     assert _bench().main(argv + ["--out-dir", str(tmp_path)]) == 2
     assert needle in capsys.readouterr().err
     assert not os.listdir(tmp_path)
+
+
+def test_bench_gpu_only_without_cuda(tmp_path, capsys):
+    """--gpu-only on a machine without CUDA writes memory_gpu.md saying what was not measured."""
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU-only message; the GPU rows are measured by the bench itself")
+    assert _bench().main(["--gpu-only", "--gpu-runs", "tiny-llama:1:8", "--out-dir", str(tmp_path)]) == 0
+    text = (tmp_path / "memory_gpu.md").read_text()
+    assert "No GPU is available here" in text and "run_cuda_step" in text

@@ -16,7 +16,7 @@ from .plan import ActivationProfile, MemoryPlan, activation_profile, count_param
 from .states import (Cluster, ModelStates, ParamStats, ZeroConfig, deepspeed_estimate, model_states,
                      param_stats)
 from .measure import (Comparison, compare_cpu, compare_cpu_many, measure_cpu_step, measure_cpu_steps,
-                      run_cpu_step, run_cuda_step)
+                      run_cpu_step, run_cuda_step, measure_cuda_step)
 from .cli import main
 
 __all__ = [
@@ -26,5 +26,5 @@ __all__ = [
     "meta_shims", "simulate_step", "ActivationProfile", "MemoryPlan", "activation_profile",
     "count_params", "plan_memory", "Cluster", "ModelStates", "ParamStats", "ZeroConfig",
     "deepspeed_estimate", "model_states", "param_stats", "Comparison", "compare_cpu",
-    "compare_cpu_many", "measure_cpu_step", "measure_cpu_steps", "run_cpu_step", "run_cuda_step", "main",
+    "compare_cpu_many", "measure_cpu_step", "measure_cpu_steps", "run_cpu_step", "run_cuda_step", "measure_cuda_step", "main",
 ]

@@ -177,12 +177,14 @@ def _is_adapter_module(m: nn.Module) -> bool:
     return any(hasattr(m, a) for a in ("lora_A", "vera_lambda_b", "lora_magnitude"))
 
 
-def build_model(config, spec: TrainSpec, device="meta") -> nn.Module:
+def build_model(config, spec: TrainSpec, device="meta", construct_ctx=None) -> nn.Module:
     """A causal LM from `config` on `device`, in `spec.dtype`, prepared for `spec.mode`.
 
     Real devices get the model's random init (the memory does not depend on the values). On the
     meta device nothing is allocated. Adapter modes use `lora_dist.inject_adapters`; inits that
     need data or an SVD (LoRA-XS) are marked done, since values do not change memory.
+    construct_ctx: a context for the base model's construction only (deepspeed.zero.Init, with
+    device=None); adapters are injected after it, as in training.
     """
     from transformers import AutoModelForCausalLM
 
@@ -190,8 +192,14 @@ def build_model(config, spec: TrainSpec, device="meta") -> nn.Module:
     cfg = copy.deepcopy(config)
     cfg.use_cache = False
     cfg._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=spec.torch_dtype)
+    if construct_ctx is not None:
+        # transformers' init zeroes the padding row by indexing the weight, which zero.Init has
+        # already partitioned to shape (0,); the padding row does not change memory.
+        cfg.pad_token_id = None
+    # device=None: no device context (zero.Init places the parameters itself)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        with construct_ctx if construct_ctx is not None else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_config(cfg, dtype=spec.torch_dtype)
     model.train()
     if spec.mode == "full":
         for p in model.parameters():

@@ -19,7 +19,7 @@ free lists. If clear_refs cannot be written the peak covers the model build as w
 The prediction is `simulate_step` on the meta device: the same step replayed without data, with
 every storage followed from creation to release (`LiveTensorTracker`).
 
-CUDA (not available in this task; kept for GPU machines): `run_cuda_step` measures
+CUDA: `measure_cuda_step` runs `run_cuda_step` in a fresh process; it measures
 torch.cuda.max_memory_allocated and tokens/s of the same step; with `zero_offload=True` it runs the
 step through DeepSpeed ZeRO-3 with optimizer and parameter offload on one GPU.
 """
@@ -248,40 +248,53 @@ def compare_cpu_many(config_or_preset, specs: Sequence[TrainSpec], seed: int = 0
 
 
 # --------------------------------------------------------------------------------------------------
-# CUDA path (needs a GPU; not run in this task)
+# CUDA path (needs a GPU)
 # --------------------------------------------------------------------------------------------------
 
 @dataclass
 class CudaStepResult:
     """max_allocated: torch.cuda.max_memory_allocated over the first training step (the step that
-    `simulate_step` replays), bytes; tokens_per_s over the following `steps` steps; saved_bytes of
-    one forward (None under ZeRO-3, whose gathered weights are not told apart from activations)."""
+    `simulate_step` replays), bytes; baseline: bytes allocated before the model was built (the cuBLAS
+    workspaces of a warm-up matmul; the plan's reserve covers them, the step prediction does not);
+    tokens_per_s over the following `steps` steps; saved_bytes of one forward (None under ZeRO-3,
+    whose gathered weights are not told apart from activations)."""
 
     spec: TrainSpec
     zero_offload: bool
     max_allocated: int
+    baseline: int
     saved_bytes: Optional[int]
     tokens_per_s: float
     steps: int
 
+    @property
+    def step_peak(self) -> int:
+        """Peak of the step itself: max_allocated minus the pre-model baseline."""
+        return self.max_allocated - self.baseline
+
 
 def run_cuda_step(config, spec: TrainSpec, zero_offload: bool = False, steps: int = 3,
                   seed: int = 0) -> CudaStepResult:
-    """Measure peak GPU memory and throughput of training steps on one GPU.
+    """Measure peak GPU memory and throughput of training steps on one GPU, in this process.
 
     zero_offload=False: plain PyTorch, AdamW(foreach=False) over the trainable parameters (the step
     `simulate_step` replays). zero_offload=True: DeepSpeed ZeRO-3 with optimizer and parameter
-    offload to CPU (world size 1; a single-process group is created if none exists).
+    offload to CPU, the model built under `deepspeed.zero.Init` as HfDeepSpeedConfig does (world
+    size 1; a single-process group is created if none exists). Use `measure_cuda_step` to get a
+    fresh process per configuration: allocations of an earlier run would count in the peak.
     """
     if not torch.cuda.is_available():
         raise RuntimeError("run_cuda_step needs a CUDA device; none is available")
     dev = torch.device("cuda", torch.cuda.current_device())
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    model = build_model(config, spec, "cpu" if zero_offload else dev)
+    # cuBLAS allocates its workspaces through the caching allocator on first use: take them before
+    # the baseline so that the step's peak is the model's own.
+    w = torch.randn(64, 64, device=dev, dtype=spec.torch_dtype, requires_grad=True)
+    (w @ w).float().sum().backward()
+    del w
+    torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated()
     ids, labels = make_batch(spec, config.vocab_size, "cpu", seed)
     ids, labels = ids.to(dev), labels.to(dev)
-    trainable = [p for p in model.parameters() if p.requires_grad]
     if zero_offload:
         import deepspeed
         import torch.distributed as dist
@@ -298,8 +311,14 @@ def run_cuda_step(config, spec: TrainSpec, zero_offload: bool = False, steps: in
             "bf16": {"enabled": spec.dtype in ("bfloat16", "bf16")},
             "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
                                   "offload_param": {"device": "cpu", "pin_memory": True}},
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+            # torch AdamW on the CPU partitions: DeepSpeedCPUAdam would JIT-compile an extension,
+            # and with only adapter parameters training the optimizer step is not what is measured.
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+            "zero_force_ds_cpu_optimizer": False,
+            "steps_per_print": 10 ** 9,
         }
+        model = build_model(config, spec, None, construct_ctx=deepspeed.zero.Init(config_dict_or_path=ds_config))
+        trainable = [p for p in model.parameters() if p.requires_grad]
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
 
         def step():
@@ -307,6 +326,8 @@ def run_cuda_step(config, spec: TrainSpec, zero_offload: bool = False, steps: in
             engine.backward(loss)
             engine.step()
     else:
+        model = build_model(config, spec, dev)
+        trainable = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(trainable, lr=1e-4, foreach=False)
 
         def step():
@@ -331,5 +352,31 @@ def run_cuda_step(config, spec: TrainSpec, zero_offload: bool = False, steps: in
             out = model(input_ids=ids, labels=labels)
         del out
         saved = tr.report.total_bytes
-    return CudaStepResult(spec, zero_offload, max_alloc, saved,
+    return CudaStepResult(spec, zero_offload, max_alloc, baseline, saved,
                           steps * spec.batch_size * spec.seq_len / dt, steps)
+
+
+def _cuda_child_main(payload: str) -> None:
+    """Entry point of the CUDA measuring child: JSON in (argv), one JSON line out."""
+    d = json.loads(payload)
+    s = d["spec"]
+    s["target_modules"] = tuple(s["target_modules"])
+    res = run_cuda_step(load_preset(d["preset"]), TrainSpec(**s), zero_offload=d["offload"], seed=d["seed"])
+    print(json.dumps(dataclasses.asdict(res)), flush=True)
+
+
+def measure_cuda_step(preset: str, spec: TrainSpec, zero_offload: bool = False, seed: int = 0,
+                      timeout: float = 900) -> CudaStepResult:
+    """`run_cuda_step` in a fresh Python process of its own (a clean allocator and CUDA context)."""
+    payload = {"preset": preset, "spec": dataclasses.asdict(spec), "offload": zero_offload, "seed": seed}
+    env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error")
+    code = "import sys; from lora_dist.memory.measure import _cuda_child_main; _cuda_child_main(sys.argv[1])"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(payload)], capture_output=True,
+                          text=True, env=env, timeout=timeout)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("{")), None)
+    if proc.returncode != 0 or line is None:
+        raise RuntimeError(f"CUDA measuring child failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    d = json.loads(line)
+    s = d.pop("spec")
+    s["target_modules"] = tuple(s["target_modules"])
+    return CudaStepResult(spec=TrainSpec(**s), **d)
