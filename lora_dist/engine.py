@@ -249,7 +249,7 @@ def initialize_adapters(model_or_engine, config: Optional[AdapterConfig] = None,
         src = input_owner[n]
         u = units.setdefault(src, Unit(name=src, modules=[], cost=0.0))
         u.modules.append(n)
-        u.cost += method.cost(m.out_features, m.in_features, config.r)
+        u.cost += method.cost(m.out_features, m.in_features, config.r, opts)
     plan = OwnerPlan.build(list(units.values()), comm.world)
     report.plan = plan
     rounds = plan.rounds()

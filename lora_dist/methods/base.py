@@ -109,8 +109,8 @@ class Method:
         """The statistics to collect for these options (default: `needs`)."""
         return self.needs
 
-    def cost(self, d_out: int, d_in: int, r: int) -> float:
-        """Relative solve cost of one layer (flop-like), for the owner plan."""
+    def cost(self, d_out: int, d_in: int, r: int, opts: Optional[Dict] = None) -> float:
+        """Relative solve cost of one layer (flop-like), for the owner plan; opts: the init options."""
         return float(d_out * d_in * min(d_out, d_in))
 
     def solve(self, p: LayerProblem) -> LayerSolution:

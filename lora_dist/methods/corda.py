@@ -69,7 +69,7 @@ class CorDA(Method):
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not math.isfinite(d) or d < 0:
             raise option_error(self.name, "damping", d, "a number >= 0 (relative to the mean input variance)")
 
-    def cost(self, d_out, d_in, r):
+    def cost(self, d_out, d_in, r, opts=None):
         return float(d_in ** 3 + d_out * d_in * d_in + d_out * d_in * min(d_out, d_in))
 
     def solve(self, p: LayerProblem) -> LayerSolution:

@@ -52,7 +52,7 @@ class EVA(Method):
                               "is not supported yet (it needs a cross-layer step and per-layer ranks); every "
                               "layer keeps rank r. Leave init_options.redistribute False.")
 
-    def cost(self, d_out, d_in, r):
+    def cost(self, d_out, d_in, r, opts=None):
         return float(d_in ** 3)
 
     def solve(self, p: LayerProblem) -> LayerSolution:

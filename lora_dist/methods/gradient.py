@@ -174,7 +174,7 @@ class LoRASB(Method):
             _check_positive(self.name, "eta", o["eta"])
         _check_niter(self.name, o["niter"])
 
-    def cost(self, d_out, d_in, r):
+    def cost(self, d_out, d_in, r, opts=None):
         return float(d_out * d_in * r * 12)
 
     def solve(self, p: LayerProblem) -> LayerSolution:

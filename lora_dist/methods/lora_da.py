@@ -80,7 +80,7 @@ class LoRADA(Method):
             s |= {INPUT_MOMENT, OUTPUT_GRAD_FULL if o["fisher"] == "full" else OUTPUT_GRAD_DIAG}
         return frozenset(s)
 
-    def cost(self, d_out, d_in, r):
+    def cost(self, d_out, d_in, r, opts=None):
         return float(d_in ** 3 + d_in * d_in * d_out)
 
     def solve(self, p: LayerProblem) -> LayerSolution:

@@ -9,6 +9,16 @@ import torch
 from .base import WEIGHT, LayerProblem, LayerSolution, Method, fix_signs, option_error
 
 
+def svd_cost(d_out: int, d_in: int) -> float:
+    """Relative cost of a thin SVD with vectors, l = max, k = min side: l·k² + k³.
+
+    Fits one-thread fp64 timings better than d_out·d_in·k (which over-weights the long side):
+    measured 512²: 0.12 s, 1376×512: 0.21 s (model ratio 1.84, measured 1.73; d·d·k gives 2.69).
+    """
+    k, long = min(d_out, d_in), max(d_out, d_in)
+    return float(long * k * k + k ** 3)
+
+
 def _svd(W: torch.Tensor, r: int, niter, p: LayerProblem, smallest: bool = False):
     """(U_r, S_r, V_r) of W with deterministic signs; randomized (svd_lowrank) when niter is set."""
     if niter is not None and not smallest:
@@ -17,7 +27,13 @@ def _svd(W: torch.Tensor, r: int, niter, p: LayerProblem, smallest: bool = False
             U, S, V = torch.svd_lowrank(W, q=r, niter=int(niter))
         U, S, V = U[:, :r], S[:r], V[:, :r]
     else:
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        # LAPACK is ~1.5x faster on tall than on wide matrices of the same size (measured 0.21 s vs
+        # 0.30 s for 1376x512 vs 512x1376, fp64, one thread), so factor the tall one: W^T = V S U^T.
+        if W.shape[0] < W.shape[1]:
+            V, S, Uh = torch.linalg.svd(W.T, full_matrices=False)
+            U, Vh = Uh.T, V.T
+        else:
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         sl = slice(-r, None) if smallest else slice(0, r)
         U, S, V = U[:, sl], S[sl], Vh[sl].T
     U, V = fix_signs(U, V)
@@ -44,6 +60,12 @@ class PiSSA(Method):
         n = opts.get("niter")
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise option_error(self.name, "niter", n, "None (full SVD) or a non-negative integer")
+
+    def cost(self, d_out, d_in, r, opts=None):
+        niter = (opts or {}).get("niter")
+        if niter is not None and not self.smallest:  # randomized: passes of W against an (n × r) block
+            return float(d_out * d_in * r * (2 * int(niter) + 2))
+        return svd_cost(d_out, d_in)
 
     def solve(self, p: LayerProblem) -> LayerSolution:
         U, S, V = _svd(p.W, p.r, p.options.get("niter"), p, smallest=self.smallest)
@@ -92,6 +114,9 @@ class LoRAXSInit(Method):
     needs = frozenset({WEIGHT})
     options = {"r_std": 1e-5}
     reference = "Bałazy et al. 2024, LoRA-XS"
+
+    def cost(self, d_out, d_in, r, opts=None):
+        return svd_cost(d_out, d_in)
 
     def solve(self, p):
         U, S, V = _svd(p.W, p.r, None, p)
