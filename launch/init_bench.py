@@ -7,11 +7,11 @@ It launches itself with the real DeepSpeed launcher (CPU: DS_ACCELERATOR=cpu, gl
 side by side in one run:
   1. solve-phase speedup, 2 ranks vs 1, for each init given (one thread per rank in both, so the
      comparison is of the distribution, not of BLAS threading): Σ over rounds of the slowest rank's
-     solve time. (LoRA-DA's LOBPCG iterations are memory-bound; on a 2-core machine whose cores share
-     one memory path they run ~25% slower when both cores work, so its speedup here is lower than
-     the balance of the plan would give.) Each launch runs the init twice and times the second: the
-     first pays one-time library loading (first LAPACK/LOBPCG calls, ~1-2 s per process), which
-     every rank pays once whatever the world size;
+     solve time. Each launch runs the init once to warm up (one-time library loading, ~1-2 s per
+     process, which every rank pays whatever the world size) and then --repeats times; the median
+     is used. Next to it, the machine's own ceiling: how much faster 2 concurrent one-thread GEMM
+     processes get through the work than 1 (2.0 on two free cores; ~1.6 on the 2-vCPU development
+     VM, whose vCPUs share execution units, which caps a compute-bound solve's speedup there);
   2. per-rank peak memory of init (layer groups on) versus one training step on the same config:
      the peak of heap bytes in use (glibc mallinfo2: what CPU tensors occupy, whatever the allocator
      keeps cached), sampled by a thread during the phase, minus the level just before it; each phase
@@ -21,6 +21,7 @@ side by side in one run:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -47,6 +48,9 @@ def parse(argv=None):
                    help="passes for the memory comparison (default: one per round, the least memory)")
     p.add_argument("--calib_micro", type=int, default=1,
                    help="calibration sub-batch for the memory comparison (statistics do not depend on it)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="measured init runs per launch for the speedup (after one warm-up); the median is used")
+    p.add_argument("--speed_only", action="store_true", help="only the solve-speedup comparison (part 1)")
     p.add_argument("--out", default=None, help="write the table as JSON here")
     p.add_argument("--worker", choices=["init", "train"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
@@ -55,7 +59,7 @@ def parse(argv=None):
     p.add_argument("--calib_micro_used", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    for k in ("hidden", "ffn", "layers", "r", "samples", "seq", "micro"):
+    for k in ("hidden", "ffn", "layers", "r", "samples", "seq", "micro", "repeats"):
         if getattr(a, k) <= 0:
             p.error(f"--{k} must be positive, got {getattr(a, k)}")
     return a
@@ -143,7 +147,10 @@ def worker(args):
                                       model_parameters=[p for p in model.parameters() if p.requires_grad])
     batches = _batches(args, rank, world, model.config.vocab_size)
     result = {"rank": rank, "world": world}
-    heap = HeapPeak()
+    # Heap polling only in the memory runs: its thread would take CPU from the timed solves (with
+    # 2 ranks on 2 cores it competes with the other rank's solve and skews the speedup).
+    measure_memory = args.worker == "train" or args.groups is not None
+    heap = HeapPeak() if measure_memory else contextlib.nullcontext()
 
     def phase():
         if args.worker == "init":
@@ -154,18 +161,22 @@ def worker(args):
         engine.backward(out.loss)
         engine.step()
 
-    walls = []
-    for attempt in ("warm-up", "measured"):  # the measured run: no one-time loading in its numbers
+    # One warm-up run (one-time library loading), then measured runs: `repeats` of them for the
+    # speedup (the median; shared machines are noisy), one for memory.
+    runs = []
+    for attempt in range(1 + (1 if measure_memory else args.repeats)):
         dist.barrier()
         with heap:
             rep = phase()
         if args.worker == "init":
-            walls.append(rep.solve_wall)
-    result["heap_rise_mib"] = heap.rise_mib
+            runs.append(rep)
+    if measure_memory:
+        result["heap_rise_mib"] = heap.rise_mib
     if args.worker == "init":
-        result["first_run_solve_wall"] = walls[0]
-    if args.worker == "init":
-        result.update(solve_wall=rep.solve_wall, solve_load=rep.solve_load, sent=rep.reduce_bytes_per_rank,
+        measured = sorted(runs[1:], key=lambda rp: rp.solve_wall)
+        rep = measured[len(measured) // 2]  # the median run (the slower middle one for an even count)
+        result.update(first_run_solve_wall=runs[0].solve_wall, solve_walls=[rp.solve_wall for rp in runs[1:]],
+                      solve_wall=rep.solve_wall, solve_load=rep.solve_load, sent=rep.reduce_bytes_per_rank,
                       allreduce=rep.allreduce_bytes_per_rank, stats_peak=rep.stats_peak_bytes_per_rank,
                       passes=rep.passes, n_layers=rep.n_layers, phases=rep.phases_per_rank,
                       balance=rep.plan.balance())
@@ -183,10 +194,13 @@ def launch(args, nproc, mode, model_dir, report, groups=None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(nproc),
+    runner = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+    runner = [runner] if os.path.exists(runner) else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    cmd = runner + ["--num_gpus", str(nproc),
            "--master_port", str(port), os.path.abspath(__file__), "--worker", mode, "--model", model_dir,
            "--report", report, "--init", args.init, "--kind", args.kind, "--r", str(args.r),
-           "--samples", str(args.samples), "--seq", str(args.seq), "--micro", str(args.micro)]
+           "--samples", str(args.samples), "--seq", str(args.seq), "--micro", str(args.micro),
+           "--repeats", str(args.repeats)]
     if groups:
         cmd += ["--groups", str(groups), "--calib_micro_used", str(args.calib_micro)]
     p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
@@ -194,6 +208,39 @@ def launch(args, nproc, mode, model_dir, report, groups=None):
         sys.exit(f"benchmark launch failed ({' '.join(cmd)}):\n{(p.stdout + p.stderr)[-4000:]}")
     with open(report) as f:
         return json.load(f)
+
+
+_GEMM_PROBE = """
+import time, torch
+torch.set_num_threads(1)
+a = torch.randn(1024, 1024, dtype=torch.float64); b = torch.randn(1024, 1024, dtype=torch.float64)
+a @ b
+t = time.perf_counter()
+for _ in range(12):
+    a @ b
+print(time.perf_counter() - t)
+"""
+
+
+def machine_ceiling():
+    """Throughput of 2 concurrent one-thread fp64 GEMM processes relative to one: the most a 2-rank
+    compute-bound solve can gain on this machine (2.0 on two free cores; less where the two cores
+    share execution units or memory bandwidth, e.g. SMT siblings or a busy host)."""
+    def run(n):
+        ps = [subprocess.Popen([sys.executable, "-c", _GEMM_PROBE], stdout=subprocess.PIPE, text=True,
+                               env=dict(os.environ, OMP_NUM_THREADS="1")) for _ in range(n)]
+        return [float(p.communicate()[0]) for p in ps]
+    alone = min(run(1)[0] for _ in range(3))
+    together = min(max(run(2)) for _ in range(3))
+    return alone, together, 2 * alone / together
+
+
+def _print_rows(rows):
+    w = max(len(k) for k, _ in rows)
+    print("-" * (w + 14))
+    for k, v in rows:
+        print(f"{k:<{w}}  {v:>10}")
+    print("-" * (w + 14))
 
 
 def main(argv=None):
@@ -214,20 +261,32 @@ def main(argv=None):
     inits = args.init.split(",")
     print(f"init_bench: {inits} (kind {args.kind}, r={args.r}) on a {args.layers}-layer Llama "
           f"h={args.hidden} ffn={args.ffn}: {n_layers} adapted layers; {args.samples} samples × {args.seq} tokens, "
-          f"micro-batch {args.micro}; 1 thread per rank", flush=True)
+          f"micro-batch {args.micro}; 1 thread per rank; {os.cpu_count()} CPU cores", flush=True)
     rows, speed = [], {}
+    alone, together, ceiling = machine_ceiling()
+    rows.append(("machine: 1-thread fp64 GEMM, 1 process / 2 at once (s)", f"{alone:.2f} / {together:.2f}"))
+    rows.append(("machine: 2-process GEMM throughput vs 1 (speedup ceiling)", f"{ceiling:.2f}x"))
     for init in inits:
         sub = argparse.Namespace(**{**vars(args), "init": init})
         one = launch(sub, 1, "init", model_dir, os.path.join(tmp, f"one_{init}.json"))
         two = launch(sub, 2, "init", model_dir, os.path.join(tmp, f"two_{init}.json"))
-        speed[init] = {"one": one, "two": two, "speedup": one[0]["solve_wall"] / two[0]["solve_wall"]}
+        speed[init] = {"one": one, "two": two, "speedup": one[0]["solve_wall"] / two[0]["solve_wall"],
+                       "machine_ceiling": ceiling}
         rows += [(f"{init}: first run (library loading), 1 rank / 2 ranks (s)",
                   f"{one[0]['first_run_solve_wall']:.2f} / {two[0]['first_run_solve_wall']:.2f}"),
-                 (f"{init}: solve wall, 1 rank (s)", f"{one[0]['solve_wall']:.3f}"),
-                 (f"{init}: solve wall, 2 ranks (s)", f"{two[0]['solve_wall']:.3f}"),
+                 (f"{init}: solve wall, 1 rank, median of {args.repeats} (s)", f"{one[0]['solve_wall']:.3f}"),
+                 (f"{init}: solve wall, 2 ranks, median of {args.repeats} (s)", f"{two[0]['solve_wall']:.3f}"),
+                 (f"{init}: solve walls, 1 rank (s)", " ".join(f"{x:.2f}" for x in one[0]["solve_walls"])),
+                 (f"{init}: solve walls, 2 ranks (s)", " ".join(f"{x:.2f}" for x in two[0]["solve_walls"])),
                  (f"{init}: solve-phase speedup 2 vs 1", f"{speed[init]['speedup']:.2f}x"),
                  (f"{init}: solve load per rank, 2 ranks (s)", " / ".join(f"{x:.3f}" for x in two[0]["solve_load"])),
                  (f"{init}: plan balance (max/mean cost)", f"{two[0]['balance']:.3f}")]
+    if args.speed_only:
+        _print_rows(rows)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"speed": speed}, f, indent=1)
+        return
     args.init = inits[0]
     two = speed[inits[0]]["two"]
     groups = args.layer_groups or n_layers  # as many passes as rounds: the least statistics memory
@@ -244,11 +303,7 @@ def main(argv=None):
         rows.append((f"rank {r}: {args.init} stats bytes sent, reduce-to-owner (MiB)", f"{two[0]['sent'][r] / 2**20:.2f}"))
         rows.append((f"rank {r}: same reductions as all-reduce (MiB)", f"{two[0]['allreduce'][r] / 2**20:.2f}"))
     rows.append(("reduce-to-owner / all-reduce bytes", f"{sum(two[0]['sent']) / max(1, sum(two[0]['allreduce'])):.2f}"))
-    w = max(len(k) for k, _ in rows)
-    print("-" * (w + 14))
-    for k, v in rows:
-        print(f"{k:<{w}}  {v:>10}")
-    print("-" * (w + 14))
+    _print_rows(rows)
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"speed": speed, "mem_init": mem_init, "mem_train": mem_train}, f, indent=1)
