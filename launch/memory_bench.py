@@ -272,15 +272,13 @@ def measure_rows(preset, modes, batch, seq, r):
 
 
 def cuda_rows(preset, batch, seq):
-    """Real GPU steps with their predictions (None without CUDA).
+    """Real GPU steps with their predictions (needs CUDA).
 
     Plain PyTorch runs are predicted by `simulate_step` on the meta device (the same first step);
     the ZeRO-3 + offload run by `plan_memory` for one GPU: persistent parameters + ZeRO buffers +
     activation peak.
     """
     import torch
-    if not torch.cuda.is_available():
-        return None
     from lora_dist.memory import measure_cuda_step, simulate_step
     config = load_preset(preset)
     gpu_gib = torch.cuda.get_device_properties(0).total_memory / GiB

@@ -3,14 +3,18 @@
 import torch
 
 
-def calibration_samples(n=48, seed=0):
+def calibration_samples(n=48, seed=0, min_len=14, spread=11, step=5, prompt_mod=3, no_loss=()):
+    """(input_ids, labels) pairs: sample i has min_len + (i·step) mod spread tokens, its first
+    2 + i mod prompt_mod labelled -100 (a prompt), and none with loss if i is in `no_loss`."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
-        t = 14 + (i * 5) % 11
+        t = min_len + (i * step) % spread
         ids = torch.randint(1, 128, (t,), generator=g)
         labels = ids.clone()
-        labels[: 2 + i % 3] = -100
+        labels[: 2 + i % prompt_mod] = -100
+        if i in no_loss:
+            labels[:] = -100
         out.append((ids, labels))
     return out
 

@@ -19,6 +19,15 @@ def tiny_llama(seed: int = 0, **overrides):
     return AutoModelForCausalLM.from_config(LlamaConfig(**{**TINY, **overrides})).eval()
 
 
+def perturb_trainable(model, seed=0, scale=0.05):
+    """Add seeded noise to every trainable parameter: adapters as after some training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A real safetensors checkpoint of a random tiny Llama (save_pretrained)."""

@@ -4,6 +4,7 @@ import torch
 import torch.nn as nn
 
 import lora_dist as ld
+from conftest import perturb_trainable
 from lora_dist.adapters import adapter_modules
 
 KINDS = ["lora", "lora_fa", "dora", "vera", "tied_lora"]
@@ -21,14 +22,6 @@ class Two(nn.Module):
         for b in self.blocks:
             x = b["up"](torch.tanh(b["q"](x)))
         return x
-
-
-def _perturb(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
 
 
 def dense_delta(m):
@@ -59,7 +52,7 @@ def test_forward_matches_dense_formula(kind, rslora):
     model = Two().double()
     ld.inject_adapters(model, ld.AdapterConfig(kind=kind, r=3, alpha=5, use_rslora=rslora,
                                                target_modules=["q", "up"]))
-    _perturb(model)
+    perturb_trainable(model, scale=0.3)
     x = torch.randn(4, 12, dtype=torch.float64)
     for name, m in adapter_modules(model):
         xin = torch.randn(5, m.in_features, dtype=torch.float64)
@@ -130,7 +123,7 @@ def test_dropout_only_on_adapter_path():
         m.lora_B.zero_()
     torch.testing.assert_close(m(x), torch.nn.functional.linear(x, m.weight, m.bias))  # B=0: base path exact
     m.eval()
-    _perturb(model)
+    perturb_trainable(model, scale=0.3)
     expect = x.double() @ (m.weight.double() + dense_delta(m)).T + m.bias.double()
     torch.testing.assert_close(m(x).double(), expect, rtol=1e-5, atol=1e-5)
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import lora_dist as ld
-from calib_data import make_batches
+from calib_data import calibration_samples, make_batches
 from conftest import tiny_llama
 from lora_dist.methods import INPUT_MOMENT, OUTPUT_GRAD_DIAG, OUTPUT_GRAD_FULL, WEIGHT_GRADIENT
 
@@ -14,19 +14,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def samples(n=5, seed=0, base_len=6):
     """Variable-length samples with prompt tokens (label -100) and response tokens."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        t = base_len + (i * 3) % 7
-        ids = torch.randint(1, 128, (t,), generator=g)
-        labels = ids.clone()
-        labels[: 2 + i % 3] = -100
-        out.append((ids, labels))
-    return out
-
-
-def batches(smp, micro):
-    return make_batches(smp, micro)
+    return calibration_samples(n, seed, min_len=base_len, spread=7, step=3)
 
 
 def reference_statistics(smp, weighting="sample_mean"):
@@ -79,7 +67,7 @@ def engine_statistics(smp, micro, init_options=None, checkpointing=None, **kw):
     opts = {"n_train": 100, **(init_options or {})}
     cfg = ld.AdapterConfig(kind="lora", init="lora_da", r=4, target_modules=TARGETS, init_options=opts)
     ld.inject_adapters(model, cfg)
-    rep = ld.initialize_adapters(model, batches=batches(smp, micro), stats_dtype=torch.float64,
+    rep = ld.initialize_adapters(model, batches=make_batches(smp, micro), stats_dtype=torch.float64,
                                  progress=False, return_statistics=True, **kw)
     return model, rep
 
@@ -156,7 +144,7 @@ def test_calibration_leaves_no_trace():
     ld.inject_adapters(model, cfg)
     modes = {n: m.training for n, m in model.named_modules()}
     req = {n: p.requires_grad for n, p in model.named_parameters()}
-    ld.initialize_adapters(model, batches=batches(samples(3), 2), progress=False)
+    ld.initialize_adapters(model, batches=make_batches(samples(3), 2), progress=False)
     assert modes == {n: m.training for n, m in model.named_modules()}
     assert req == {n: p.requires_grad for n, p in model.named_parameters()}
     assert all(p.grad is None for p in model.parameters())
@@ -181,20 +169,20 @@ def test_non_finite_statistic_names_layer_and_phase():
     ld.inject_adapters(model, ld.AdapterConfig(kind="lora", init="lora_da", r=4, target_modules=["down_proj"],
                                                init_options={"n_train": 10}))
     with pytest.raises(FloatingPointError, match=r"layer 'model\.layers\.\d\.mlp\.down_proj': non-finite \w+ statistic \(phase: collect\)"):
-        ld.initialize_adapters(model, batches=batches(samples(2), 2), progress=False)
+        ld.initialize_adapters(model, batches=make_batches(samples(2), 2), progress=False)
 
 
 def test_bad_batches_and_options_are_named():
     model = tiny_llama()
     ld.inject_adapters(model, ld.AdapterConfig(kind="lora", init="lora_da", r=4, target_modules=["q_proj"]))
-    b = batches(samples(2), 2)
+    b = make_batches(samples(2), 2)
     del b[0]["labels"]
     with pytest.raises(ld.ConfigError, match="batch 0 lacks field 'labels'"):
         ld.initialize_adapters(model, batches=b, progress=False)
     with pytest.raises(ld.ConfigError, match="n_train is required"):
-        ld.initialize_adapters(model, batches=batches(samples(2), 2), progress=False)
+        ld.initialize_adapters(model, batches=make_batches(samples(2), 2), progress=False)
     cfg = ld.AdapterConfig(kind="lora", init="lora_da", r=4, target_modules=["q_proj"], init_options={"betta": 1})
     with pytest.raises(ld.ConfigError, match=r"\['betta'\] are not options of init 'lora_da'"):
-        ld.initialize_adapters(model, cfg, batches=batches(samples(2), 2), progress=False)
+        ld.initialize_adapters(model, cfg, batches=make_batches(samples(2), 2), progress=False)
     with pytest.raises(ld.ConfigError, match="no calibration batches"):
         ld.initialize_adapters(model, batches=[], progress=False)

@@ -7,21 +7,13 @@ import torch
 from safetensors.torch import load_file
 
 import lora_dist as ld
-from conftest import tiny_llama
+from conftest import perturb_trainable, tiny_llama
 from lora_dist.adapters import adapter_modules
 
 peft = pytest.importorskip("peft")
 
 KINDS = ["lora", "lora_fa", "dora", "vera", "tied_lora"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _perturb(model, seed=0, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 def _ids():
@@ -33,7 +25,7 @@ def _ids():
 def test_every_kind_loads_in_stock_peft_with_same_logits(tmp_path, kind, rslora):
     model = tiny_llama()
     ld.inject_adapters(model, ld.AdapterConfig(kind=kind, r=4, alpha=8, use_rslora=rslora, target_modules=TARGETS))
-    _perturb(model)
+    perturb_trainable(model)
     with torch.no_grad():
         ours = model(_ids()).logits
     ld.save_adapter(model, str(tmp_path / "a"))
@@ -71,7 +63,7 @@ def test_base_rewrite_exports_rank_2r_against_original_W0(tmp_path):
     W0 = tiny_llama()
     model = tiny_llama()
     ld.inject_adapters(model, ld.AdapterConfig(kind="lora", r=4, alpha=8, use_rslora=True, target_modules=TARGETS))
-    _perturb(model, scale=0.2)
+    perturb_trainable(model, scale=0.2)
     for _, m in adapter_modules(model):
         B0, A0 = m.lora_B.detach().clone(), m.lora_A.detach().clone()
         ld.export.rewrite_base(m, -m.scaling * (B0.double() @ A0.double()))
@@ -79,7 +71,7 @@ def test_base_rewrite_exports_rank_2r_against_original_W0(tmp_path):
     with torch.no_grad():
         before = model(_ids()).logits
         torch.testing.assert_close(before, W0(_ids()).logits, atol=1e-5, rtol=0)  # output unchanged at init
-    _perturb(model, seed=3)  # "training"
+    perturb_trainable(model, seed=3)  # "training"
     with torch.no_grad():
         ours = model(_ids()).logits
     ld.save_adapter(model, str(tmp_path / "a"))

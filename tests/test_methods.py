@@ -16,8 +16,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import lora_dist as ld
-from calib_data import make_batches
-from conftest import tiny_llama
+from calib_data import calibration_samples, make_batches
+from conftest import perturb_trainable, tiny_llama
 from lora_dist.adapters import adapter_modules, generator_for, seed_for
 from lora_dist.config import COMPATIBLE_INITS, DATA_FREE_INITS, INITS, KINDS
 from lora_dist.methods import INPUT_MOMENT, METHODS, WEIGHT_GRADIENT, compatibility_table, summary_table
@@ -33,22 +33,7 @@ DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 def make_samples(n=16, seed=0):
     """Variable-length samples (8..15 tokens), prompt tokens labelled -100, one sample with no loss
     token at all (it still feeds the input moments, never the gradient)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        t = 8 + (i * 5) % 8
-        ids = torch.randint(1, 128, (t,), generator=g)
-        labels = ids.clone()
-        labels[: 2 + i % 4] = -100
-        if i == 3:
-            labels[:] = -100
-        out.append((ids, labels))
-    return out
-
-
-def collate(smp, micro=3):
-    """Right-padded micro-batches (the library's collator)."""
-    return make_batches(smp, micro)
+    return calibration_samples(n, seed, min_len=8, spread=8, prompt_mod=4, no_loss=(3,))
 
 
 SAMPLES = make_samples()
@@ -225,14 +210,14 @@ def run_ours(init, kind="lora", r=R, alpha=ALPHA, rslora=False, opts=None, dtype
     model = tiny_llama().to(dtype)
     W0 = {n: m.weight.detach().clone() for n, m in model.named_modules()
           if isinstance(m, nn.Linear) and n.split(".")[-1] in targets}
-    ids = collate(smp[:4], 4)[0]
+    ids = make_batches(smp[:4], 4)[0]
     with torch.no_grad():
         before = model(input_ids=ids["input_ids"], attention_mask=ids["attention_mask"]).logits
     cfg = ld.AdapterConfig(kind=kind, init=init, r=r, alpha=alpha, use_rslora=rslora, target_modules=targets,
                            init_options=dict(opts or {}), seed=seed)
     ld.inject_adapters(model, cfg)
     kw = {"n_train": N_TRAIN, "lr": LR, **kw}
-    rep = ld.initialize_adapters(model, batches=collate(smp, micro), stats_dtype=stats_dtype or dtype,
+    rep = ld.initialize_adapters(model, batches=make_batches(smp, micro), stats_dtype=stats_dtype or dtype,
                                  progress=False, **kw)
     model.eval()
     with torch.no_grad():
@@ -312,7 +297,7 @@ def test_every_bad_option_is_a_config_error_naming_it(init, key, value):
     ld.inject_adapters(model, ld.AdapterConfig(kind=kind, init=init, r=R, target_modules=["q_proj"],
                                                init_options={key: value}))
     with pytest.raises(ld.ConfigError, match=rf"init_options\.{key}"):
-        ld.initialize_adapters(model, batches=collate(SAMPLES[:3]), progress=False)
+        ld.initialize_adapters(model, batches=make_batches(SAMPLES[:3], 3), progress=False)
 
 
 def test_unknown_option_names_the_valid_ones():
@@ -548,14 +533,6 @@ def test_same_result_for_any_micro_batching():
 
 # ---------------------------------------------------------------------------------------------------
 # float32: output unchanged at init, exact export to stock PEFT against the original W0 (rsLoRA too)
-def _perturb_trainable(model, seed=0, scale=0.02):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-
-
 EXPORT_CASES = [("pissa", "lora", False), ("pissa", "lora", True), ("milora", "lora", True), ("olora", "lora", True),
                 ("lora_ga", "lora", False), ("lora_ga", "lora", True), ("corda", "lora", True),
                 ("eva", "lora", False), ("lora_one", "lora", False), ("lora_da", "lora", True),
@@ -569,7 +546,7 @@ def test_float32_output_unchanged_and_stock_peft_reproduces_export(tmp_path, ini
     if METHODS[init].writes_weight:
         assert out["logit_diff"] <= 1e-5, out["logit_diff"]
     model = out["model"]
-    _perturb_trainable(model)  # as after training: the export must carry sBA − sB0A0 exactly
+    perturb_trainable(model, scale=0.02)  # as after training: the export must carry sBA − sB0A0 exactly
     ids = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ours = model(input_ids=ids).logits
@@ -616,7 +593,7 @@ def test_eva_matches_peft_incremental_pca():
     peft = pytest.importorskip("peft")
     from peft.tuners.lora.config import EvaConfig
     smp = make_samples(24, seed=3)
-    one = collate(smp, micro=len(smp))[0]
+    one = make_batches(smp, len(smp))[0]
     T = int(one["attention_mask"].sum())
     # q/v share one input (one PCA); o_proj has its own. Whitening is checked on single-module input
     # groups only: PEFT 0.21 whitens in place once per module of a group, so q and v would both be

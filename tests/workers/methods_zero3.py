@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora_dist as ld  # noqa: E402
-from calib_data import make_batches  # noqa: E402
+from calib_data import calibration_samples, make_batches  # noqa: E402
 from lora_dist.adapters import adapter_modules
 from lora_dist.methods import METHODS
 from lora_dist.zero import read_full
@@ -50,15 +50,7 @@ CASES = {
 def calibration_batches(n_samples=12, micro=2, seed=0):
     """Variable-length right-padded micro-batches with prompt tokens labelled -100 (the same on every
     rank; each rank uses batches[rank::world])."""
-    g = torch.Generator().manual_seed(seed)
-    smp = []
-    for i in range(n_samples):
-        t = 7 + (i * 5) % 8
-        ids = torch.randint(1, 128, (t,), generator=g)
-        labels = ids.clone()
-        labels[: 2 + i % 3] = -100
-        smp.append((ids, labels))
-    return make_batches(smp, micro)
+    return make_batches(calibration_samples(n_samples, seed, min_len=7, spread=8), micro)
 
 
 def config_for(label):
