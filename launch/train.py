@@ -24,10 +24,10 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import lora_dist as ld  # noqa: E402
-from lora_dist import checkpoint, data  # noqa: E402
-from lora_dist.assets import METAMATH_TINY, resolve_model  # noqa: E402
-from lora_dist.ds_config import DeepSpeedConfigError, prepare_ds_config, warmup_steps_from_ratio  # noqa: E402
-from lora_dist.evaluate import eval_exact_match, eval_loss  # noqa: E402
+from lora_dist.job import checkpoint, data  # noqa: E402
+from lora_dist.job.demo import METAMATH_TINY, resolve_model  # noqa: E402
+from lora_dist.job.ds_config import DeepSpeedConfigError, prepare_ds_config, warmup_steps_from_ratio  # noqa: E402
+from lora_dist.job.evaluate import eval_exact_match, eval_loss  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # config: embedded defaults (a few minutes on a 2-core CPU), overridden by --config, then by flags
@@ -134,7 +134,7 @@ def main(argv=None):
     # distributed setup (deepspeed / torchrun env vars, or MPI discovery through mpi4py)
     # -----------------------------------------------------------------------------------------
     import deepspeed
-    from lora_dist.distributed import init_distributed
+    from lora_dist.job.distributed import init_distributed
     init_distributed()
     rank, world = ld.zero.rank(), ld.zero.world_size()
     device = torch.device(deepspeed.get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", 0))) \

@@ -4,7 +4,7 @@ from .adapters import AdapterLinear, adapter_modules
 from .inject import inject_adapters
 from .export import save_adapter, load_adapter, merge_adapters
 from .engine import initialize_adapters, InitReport
-from .plan import OwnerPlan
+from .engine.plan import OwnerPlan
 
 __all__ = ["AdapterConfig", "ConfigError", "KINDS", "INITS", "COMPATIBLE_INITS", "AdapterLinear",
            "adapter_modules", "inject_adapters", "save_adapter", "load_adapter", "merge_adapters",

@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
+from .errors import ConfigError  # noqa: F401  (re-exported)
+
 KINDS = ("lora", "lora_fa", "lora_xs", "vera", "tied_lora", "dora", "none")
 
 INITS = (
@@ -44,10 +46,6 @@ DEFAULT_INIT = {"lora": "kaiming", "lora_fa": "kaiming", "dora": "kaiming", "tie
 DATA_FREE_INITS = ("kaiming", "gaussian", "none")
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message names the key."""
 
 
 @dataclass

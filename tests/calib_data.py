@@ -21,7 +21,7 @@ def calibration_samples(n=48, seed=0, min_len=14, spread=11, step=5, prompt_mod=
 
 def make_batches(smp, micro):
     """Right-padded micro-batches of (input_ids, labels) samples, by the library's own collator."""
-    from lora_dist.data import collate
+    from lora_dist.job.data import collate
     return [collate([{"input_ids": i, "labels": l} for i, l in smp[s:s + micro]], pad_id=0)
             for s in range(0, len(smp), micro)]
 

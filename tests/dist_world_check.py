@@ -1,9 +1,9 @@
-"""Launched by tests/test_slurm.py through the per-node DeepSpeed command (one process per "node"),
-and run as a single process by tests/test_ds_config.py.
+"""Launched by tests/job/test_slurm.py through the per-node DeepSpeed command (one process per "node"),
+and run as a single process by tests/job/test_ds_config.py.
 
 Joins torch.distributed via deepspeed.init_distributed(), all-reduces the ranks, and for each
 --ds_config trains a tiny Llama for a few steps with that config (its "auto" values filled by
-lora_dist.ds_config). Writes what it saw to OUT/rank<R>.json for the test to check.
+lora_dist.job.ds_config). Writes what it saw to OUT/rank<R>.json for the test to check.
 """
 
 import argparse
@@ -39,8 +39,8 @@ def run_config(path: str) -> dict:
     """Train the q/v projections of a seeded tiny Llama for --steps optimizer steps under `path`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lora_dist.assets import preset_config
-    from lora_dist.ds_config import prepare_ds_config
+    from lora_dist.job.demo import preset_config
+    from lora_dist.job.ds_config import prepare_ds_config
 
     preset = preset_config("tiny-llama")
     config = prepare_ds_config(

@@ -12,7 +12,7 @@ from .activations import (ADAPTER_MODES, ALL_PROJ, CATEGORIES, MODES, Activation
                           LiveTensorTracker, MemoryConfigError, SavedActivationTracker, StepProfile,
                           TrainSpec, account_activations, build_model, list_presets, load_preset,
                           make_batch, measure_saved_activations, meta_shims, simulate_step)
-from .plan import ActivationProfile, MemoryPlan, activation_profile, count_params, plan_memory
+from .budget import ActivationProfile, MemoryPlan, activation_profile, count_params, plan_memory
 from .states import (Cluster, ModelStates, ParamStats, ZeroConfig, deepspeed_estimate, model_states,
                      param_stats)
 from .measure import (Comparison, compare_cpu, compare_cpu_many, measure_cpu_step, measure_cpu_steps,

@@ -48,6 +48,9 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ..errors import MemoryConfigError
+from ..presets import list_presets, preset_path
+
 ALL_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_MODES = ("lora", "lora_fa", "lora_xs", "vera", "tied_lora", "dora")
 MODES = ("full", "frozen") + ADAPTER_MODES
@@ -57,26 +60,9 @@ CATEGORIES = ("embedding", "attention", "mlp", "norm", "adapters", "logits_loss"
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
           "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
 
-PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")
-
-
-class MemoryConfigError(ValueError):
-    """A bad input to the memory accounting (unknown preset, impossible cluster, negative size...).
-
-    The message names the offending value and, where there is a fixed set, lists the valid ones.
-    """
-
-
 # --------------------------------------------------------------------------------------------------
 # presets and specs
 # --------------------------------------------------------------------------------------------------
-
-def list_presets() -> List[str]:
-    """Names of the model config JSONs shipped in `lora_dist/presets` (no weights)."""
-    if not os.path.isdir(PRESET_DIR):
-        return []
-    return sorted(f[:-5] for f in os.listdir(PRESET_DIR) if f.endswith(".json"))
-
 
 def load_preset(name: str):
     """A `transformers` config from a preset name (e.g. "llama2-70b") or a path to a config JSON."""
@@ -89,7 +75,7 @@ def load_preset(name: str):
         if name not in known:
             raise MemoryConfigError(f"unknown preset {name!r}; known presets: {known} "
                                     f"(or give a path to a config .json)")
-        path = os.path.join(PRESET_DIR, name + ".json")
+        path = str(preset_path(name))
     with open(path) as fh:
         d = json.load(fh)
     model_type = d.pop("model_type", None)

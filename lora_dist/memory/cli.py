@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 from ..config import ConfigError
 from .activations import ALL_PROJ, CATEGORIES, MODES, MemoryConfigError, TrainSpec, list_presets, load_preset
-from .plan import DEFAULT_RESERVE_GIB, plan_memory
+from .budget import DEFAULT_RESERVE_GIB, plan_memory
 from .states import Cluster, GiB, ZeroConfig
 
 

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora_dist as ld  # noqa: E402
 from calib_data import calibration_samples, make_batches  # noqa: E402
 from lora_dist.adapters import adapter_modules
-from lora_dist.methods import METHODS
+from lora_dist.engine.methods import METHODS
 from lora_dist.zero import read_full
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

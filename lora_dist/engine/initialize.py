@@ -21,14 +21,14 @@ from typing import Dict, Iterable, List, Optional
 import torch
 import torch.nn as nn
 
-from .adapters import AdapterLinear, adapter_modules
-from .comm import Comm
-from .config import AdapterConfig, ConfigError
+from ..adapters import AdapterLinear, adapter_modules
+from ..comm import Comm
+from ..config import AdapterConfig, ConfigError
 from .methods import (INPUT_MOMENT, OUTPUT_GRAD_DIAG, OUTPUT_GRAD_FULL, WEIGHT, WEIGHT_GRADIENT,
                       LayerProblem, get_method)
 from .plan import OwnerPlan, Unit
 from .stats import Collector, StepContext, per_sample_losses, slot_shapes
-from .zero import unwrap_engine, write_params
+from ..zero import unwrap_engine, write_params
 
 BATCH_FIELDS = ("input_ids", "attention_mask", "labels")
 

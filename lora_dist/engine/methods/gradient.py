@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from .base import WEIGHT_GRADIENT, LayerProblem, LayerSolution, Method, fix_signs, option_error
-from ..config import ConfigError
+from ...config import ConfigError
 
 
 def _check_niter(method: str, n) -> None:

@@ -17,8 +17,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .export import save_adapter
-from .zero import rank, world_size
+from ..export import save_adapter
+from ..zero import rank, world_size
 
 LATEST = "latest"
 

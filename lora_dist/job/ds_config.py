@@ -33,13 +33,11 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..errors import DeepSpeedConfigError  # noqa: F401  (re-exported)
+
 AUTO = "auto"
 _SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest")
 _OFFLOAD_DEVICES = ("cpu", "nvme", "none")
-
-
-class DeepSpeedConfigError(ValueError):
-    """A DeepSpeed config that cannot be used as written; the message says what to change."""
 
 
 def _where(source: str | os.PathLike | None) -> str:

@@ -12,7 +12,7 @@ import torch
 import lora_dist as ld
 from launch_utils import WORKERS, read_report, run_ranks, run_two_nodes
 from lora_dist.adapters import adapter_modules
-from lora_dist.methods import METHODS
+from lora_dist.engine.methods import METHODS
 
 peft = pytest.importorskip("peft")
 

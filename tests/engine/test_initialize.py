@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import lora_dist as ld
 from calib_data import calibration_samples, make_batches
 from conftest import tiny_llama
-from lora_dist.methods import INPUT_MOMENT, OUTPUT_GRAD_DIAG, OUTPUT_GRAD_FULL, WEIGHT_GRADIENT
+from lora_dist.engine.methods import INPUT_MOMENT, OUTPUT_GRAD_DIAG, OUTPUT_GRAD_FULL, WEIGHT_GRADIENT
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

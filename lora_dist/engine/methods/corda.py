@@ -50,7 +50,7 @@ class CorDA(Method):
     by its maximum (a per-call rescaling), averaged over calls; we use the plain mean over the calibration
     positions (attention mask, or loss positions with `factor_positions="loss"`), which does not depend
     on batching. The product B·A does not depend on the scale of C, but the split between B and A does.
-    Given the same C (PEFT's `covariance_file`), the factors agree (tests/test_methods.py).
+    Given the same C (PEFT's `covariance_file`), the factors agree (tests/engine/test_methods.py).
     Cost per layer: O(d_in³ + d_out·d_in·min(d_out, d_in)).
     """
 

@@ -6,7 +6,7 @@ from .eva import EVA
 from .gradient import LoRAGA, LoRAOne, LoRASB
 from .lora_da import LoRADA
 from .svd import LoRAXSInit, MiLoRA, OLoRA, PiSSA
-from ..config import COMPATIBLE_INITS, DATA_FREE_INITS, INITS, KINDS, ConfigError
+from ...config import COMPATIBLE_INITS, DATA_FREE_INITS, INITS, KINDS, ConfigError
 
 METHODS = {m.name: m for m in (PiSSA(), MiLoRA(), OLoRA(), LoRAXSInit(), LoRADA(), EVA(), CorDA(),
                                LoRAGA(), LoRAOne(), LoRASB())}
@@ -27,7 +27,7 @@ _DATA_FREE_DOC = {"kaiming": ("seeded generator", "Hu et al. 2021 (LoRA); PEFT d
 
 def compatibility_table() -> str:
     """Markdown table (init × kind) generated from config.COMPATIBLE_INITS: docs/methods.md embeds it
-    verbatim and tests/test_methods.py checks that it does."""
+    verbatim and tests/engine/test_methods.py checks that it does."""
     head = "| init | " + " | ".join(f"`{k}`" for k in KINDS) + " |"
     sep = "|---|" + "|".join(":-:" for _ in KINDS) + "|"
     rows = [f"| `{i}` | " + " | ".join("✓" if i in COMPATIBLE_INITS[k] else "" for k in KINDS) + " |"

@@ -1,4 +1,4 @@
-"""lora_dist.ds_config and the shipped ds_configs/*.json (a slow test runs each through DeepSpeed)."""
+"""lora_dist.job.ds_config and the shipped ds_configs/*.json (a slow test runs each through DeepSpeed)."""
 
 import copy
 import json
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_dist.ds_config import (
+from lora_dist.job.ds_config import (
     DeepSpeedConfigError,
     auto_keys,
     fill_auto,
@@ -21,7 +21,7 @@ from lora_dist.ds_config import (
     warmup_steps_from_ratio,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
 FLAGS = dict(train_batch_size=32, micro_batch_size=2, lr=2e-4, weight_decay=0.01, betas=(0.9, 0.95), eps=1e-8,
              warmup_steps=3, total_steps=100, bf16=True, gradient_clipping=1.0, hidden_size=64)

@@ -9,7 +9,7 @@ import torch
 
 from .base import (INPUT_MOMENT, OUTPUT_GRAD_DIAG, OUTPUT_GRAD_FULL, WEIGHT_GRADIENT, LayerProblem,
                    LayerSolution, Method, fix_signs, option_error)
-from ..config import ConfigError
+from ...config import ConfigError
 
 
 def cholesky_damped(M: torch.Tensor, damping: float, what: str, name: str):

@@ -1,4 +1,4 @@
-from lora_dist.plan import OwnerPlan, Unit
+from lora_dist.engine.plan import OwnerPlan, Unit
 
 
 def _units(costs):

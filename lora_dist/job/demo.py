@@ -9,8 +9,8 @@
 
 Command line::
 
-    python -m lora_dist.assets dataset            # regenerate assets/metamath_tiny.jsonl
-    python -m lora_dist.assets build [--preset tiny-llama] [--dir DIR]
+    python -m lora_dist.job.demo dataset            # regenerate assets/metamath_tiny.jsonl
+    python -m lora_dist.job.demo build [--preset tiny-llama] [--dir DIR]
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..presets import list_presets, preset_config
+
 logger = logging.getLogger(__name__)
 
 BUILD_VERSION = 1  # bump when the build recipe changes, so cached directories are rebuilt
@@ -37,9 +39,8 @@ METAMATH_ROWS = 3000
 METAMATH_SEED = 1234
 MODEL_SEED = 0
 DEMO_VOCAB_SIZE = 1024  # the sentencepiece vocabulary trained on the demo corpus
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
 METAMATH_TINY = PACKAGE_DIR / "assets" / "metamath_tiny.jsonl"
-PRESET_DIR = PACKAGE_DIR / "presets"
 
 # ----------------------------------------------------------------------------------------------
 # Math word problems (MetaMathQA format)
@@ -343,22 +344,9 @@ def tokenizer_from_sentencepiece(model_file: str | os.PathLike):
 # ----------------------------------------------------------------------------------------------
 
 
-def list_presets() -> list[str]:
-    """Names of all model config presets (files presets/<name>.json), buildable or config-only."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
-
-
 def demo_presets() -> list[str]:
     """Presets that `ensure_preset` can build: small configs sized for the demo tokenizer's vocabulary."""
     return [name for name in list_presets() if preset_config(name).get("vocab_size") == DEMO_VOCAB_SIZE]
-
-
-def preset_config(name: str) -> dict:
-    """The LlamaConfig dict of preset `name`."""
-    path = PRESET_DIR / f"{name}.json"
-    if not path.exists():
-        raise ValueError(f"unknown model preset {name!r}; built-in presets: {', '.join(list_presets())}")
-    return json.loads(path.read_text())
 
 
 def default_cache_dir() -> Path:
@@ -476,7 +464,7 @@ def resolve_model(name_or_path: str | os.PathLike) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m lora_dist.assets", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m lora_dist.job.demo", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_data = sub.add_parser("dataset", help="regenerate the math data set")
     p_data.add_argument("--out", default=str(METAMATH_TINY))

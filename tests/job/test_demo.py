@@ -1,4 +1,4 @@
-"""lora_dist.assets: the committed math set, the presets, and the built tiny-llama directory."""
+"""lora_dist.job.demo: the committed math set, the presets, and the built tiny-llama directory."""
 
 import json
 import re
@@ -10,8 +10,8 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from lora_dist import assets
-from lora_dist.data import TEMPLATES, extract_final_number, load_tokenizer
+from lora_dist.job import demo as assets
+from lora_dist.job.data import TEMPLATES, extract_final_number, load_tokenizer
 
 EQUATION = re.compile(r"(\d+(?: [-+*/] \d+)+) = (\d+)")
 
@@ -147,7 +147,7 @@ def test_resolve_model(built, monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_concurrent_builds_end_with_one_complete_directory(tmp_path):
     target = tmp_path / "tiny-llama"
-    code = "import sys; from lora_dist import assets; print(assets.ensure_preset('tiny-llama', sys.argv[1]))"
+    code = "import sys; from lora_dist.job import demo as assets; print(assets.ensure_preset('tiny-llama', sys.argv[1]))"
     procs = [subprocess.Popen([sys.executable, "-c", code, str(target)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]

@@ -6,7 +6,7 @@ import math
 import torch
 
 from .base import INPUT_MOMENT, LayerProblem, LayerSolution, Method, fix_signs, option_error
-from ..config import ConfigError
+from ...config import ConfigError
 
 
 class EVA(Method):

@@ -1,4 +1,4 @@
-"""lora_dist.data on real datasets / transformers / tokenizers objects built locally."""
+"""lora_dist.job.data on real datasets / transformers / tokenizers objects built locally."""
 
 import json
 import logging
@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from lora_dist import assets
-from lora_dist.data import (
+from lora_dist.job import demo as assets
+from lora_dist.job.data import (
     IGNORE_INDEX,
     ROW_COLUMN,
     TEMPLATES,
@@ -213,7 +213,7 @@ def test_tiny_llama_tokenizer_loads_with_pad(llama_tok):
 
 
 def test_tokenizer_without_pad_gets_eos(bytelevel_dir, caplog):
-    with caplog.at_level(logging.WARNING, logger="lora_dist.data"):
+    with caplog.at_level(logging.WARNING, logger="lora_dist.job.data"):
         tok = load_tokenizer(bytelevel_dir)
     assert tok.pad_token == "<|endoftext|>" and tok.pad_token_id == tok.eos_token_id
     assert "no pad token" in caplog.text

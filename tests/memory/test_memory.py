@@ -15,7 +15,7 @@ from lora_dist.memory import (MODES, Cluster, MemoryConfigError, ParamStats, Sav
 from lora_dist.memory.cli import main as cli_main
 from lora_dist.memory.states import GiB
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _bench():

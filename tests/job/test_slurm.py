@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SLURM = REPO / "slurm"
 SCRIPTS = sorted(p for p in SLURM.iterdir() if p.suffix in (".sbatch", ".sh"))
 PAPER = ["--r", "8", "--alpha", "16", "--max_seq_len", "1024", "--batch_size", "32", "--warmup_ratio", "0.03",

@@ -18,8 +18,8 @@ from typing import Dict, Optional
 
 import torch
 
-from ..adapters import generator_for
-from ..config import ConfigError
+from ...adapters import generator_for
+from ...config import ConfigError
 
 WEIGHT_GRADIENT = "weight_gradient"
 INPUT_MOMENT = "input_moment"

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from .data import IGNORE_INDEX, batches, exact_match
-from .zero import rank, world_size
+from ..zero import rank, world_size
 
 
 def _sum(values):

@@ -20,12 +20,12 @@ from calib_data import calibration_samples, make_batches
 from conftest import perturb_trainable, tiny_llama
 from lora_dist.adapters import adapter_modules, generator_for, seed_for
 from lora_dist.config import COMPATIBLE_INITS, DATA_FREE_INITS, INITS, KINDS
-from lora_dist.methods import INPUT_MOMENT, METHODS, WEIGHT_GRADIENT, compatibility_table, summary_table
+from lora_dist.engine.methods import INPUT_MOMENT, METHODS, WEIGHT_GRADIENT, compatibility_table, summary_table
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 R, ALPHA = 4, 8.0
 N_TRAIN, LR = 1000, 2e-4
-DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "methods.md")
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "docs", "methods.md")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -330,7 +330,7 @@ def test_every_kind_init_pair_follows_the_table():
 
 def test_docs_embed_the_generated_tables():
     text = open(DOCS).read()
-    hint = "regenerate with: python -c 'from lora_dist.methods import compatibility_table, summary_table; " \
+    hint = "regenerate with: python -c 'from lora_dist.engine.methods import compatibility_table, summary_table; " \
            "print(compatibility_table()); print(summary_table())'"
     assert compatibility_table() in text, "docs/methods.md compatibility table is stale; " + hint
     assert summary_table() in text, "docs/methods.md summary table is stale; " + hint
