@@ -1,0 +1,213 @@
+"""The init's pass planner: who owns each unit, and which units share a collection pass.
+
+Pure arithmetic: no process group, no torch. Every rank builds the same plan from the same inputs.
+
+API (all that the engine and the memory tool need):
+
+    units = [UnitCost(name, stats_bytes, workspace_bytes, weight_bytes, inflight_bytes,
+                      wire_bytes, solve_cost), ...]
+    plan = plan_passes(units, world, budget_bytes)      # -> PassPlan, or ConfigError
+    plan.owner[name] -> rank;  plan.passes[p][rank] -> unit names that rank owns in pass p
+    plan.peak[p][rank] -> predicted bytes;  plan.wire_sent / plan.wire_recv[p][rank] -> bytes
+    plan.n_passes, plan.max_peak(), plan.stats_bytes_max_rank(), str(plan), plan.to_dict()
+
+A *unit* is an adapted module or an input group sharing Σxᵀx (see plan.py). Per unit:
+- `stats_bytes`: its reduced statistics, held by its owner from the start of its pass until solved;
+- `workspace_bytes`: what its solve allocates on the owner beyond the statistics;
+- `weight_bytes`: the gathered base weight W the owner keeps for the solve (0 if not needed);
+- `inflight_bytes`: the most a rank buffers while this unit's hook rows of one micro-step are
+  exchanged (rows x, δ and weights sent, plus those received by the owner);
+- `wire_bytes`: what one rank sends to the owner for this unit over one pass (its rows);
+- `solve_cost`: relative solve cost (Method.cost).
+
+Owners: longest-processing-time greedy over two loads at once. Each unit's size is
+max(stats/Σstats, cost/Σcost); units in decreasing size (ties by name) go to the rank whose larger
+normalized load after adding it is smallest (ties to the lower rank). So neither the bytes nor the
+solve time piles up on one rank.
+
+Passes: the per-rank peak of pass p on rank j is
+
+    peak = Σ_{u owned by j in p} stats_u  +  max_{u in p} inflight_u  +  max_{u owned by j in p} (workspace_u + W_u)
+
+(owned totals of the pass, one unit's exchange at a time, one solve at a time). The planner takes
+the smallest k ≥ ⌈max_j Σ stats_j / (budget − inflight_max)⌉ for which every rank packs its
+own units into k passes under the budget (worst-fit decreasing: each unit, largest first, into the
+emptiest pass where it fits, so the passes come out even). Passes are cut by bytes, not by rounds.
+A unit that does not fit alone, stats + workspace + W + inflight_max > budget, is a ConfigError
+naming it and the bytes it needs, raised before anything runs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Sequence
+
+from ..errors import ConfigError
+
+GiB = 1024 ** 3
+
+
+def fmt_bytes(n: float) -> str:
+    """Human-readable bytes (binary units)."""
+    for unit, size in (("GiB", GiB), ("MiB", 1024 ** 2), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class UnitCost:
+    name: str
+    stats_bytes: int
+    workspace_bytes: int = 0
+    weight_bytes: int = 0
+    inflight_bytes: int = 0
+    wire_bytes: int = 0
+    solve_cost: float = 0.0
+
+    @property
+    def solve_bytes(self) -> int:
+        return self.workspace_bytes + self.weight_bytes
+
+
+@dataclass
+class PassPlan:
+    world: int
+    budget: int
+    units: Dict[str, UnitCost]
+    owner: Dict[str, int]
+    passes: List[Dict[int, List[str]]]                      # pass -> rank -> owned unit names
+    peak: List[List[int]] = field(default_factory=list)        # pass -> rank -> predicted bytes
+    wire_sent: List[List[int]] = field(default_factory=list)   # pass -> rank -> bytes sent
+    wire_recv: List[List[int]] = field(default_factory=list)   # pass -> rank -> bytes received
+
+    @property
+    def n_passes(self) -> int:
+        return len(self.passes)
+
+    def max_peak(self) -> int:
+        return max((max(p) for p in self.peak), default=0)
+
+    def stats_bytes_total(self) -> int:
+        return sum(u.stats_bytes for u in self.units.values())
+
+    def stats_bytes_max_rank(self) -> int:
+        """Largest statistics a rank holds at once (its owned totals of one pass)."""
+        return max((sum(self.units[n].stats_bytes for n in names)
+                    for ps in self.passes for names in ps.values()), default=0)
+
+    def wire_bytes_max_rank(self) -> int:
+        """Most bytes one rank moves (sent + received) over all passes."""
+        return max((sum(self.wire_sent[p][r] + self.wire_recv[p][r] for p in range(self.n_passes))
+                    for r in range(self.world)), default=0)
+
+    def to_dict(self) -> dict:
+        return {"world": self.world, "budget_bytes": self.budget, "passes": self.n_passes,
+                "owner": dict(self.owner),
+                "units_per_pass": [{str(r): list(v) for r, v in ps.items()} for ps in self.passes],
+                "peak_bytes": [list(p) for p in self.peak], "max_peak_bytes": self.max_peak(),
+                "stats_bytes_total": self.stats_bytes_total(),
+                "stats_bytes_max_rank": self.stats_bytes_max_rank(),
+                "wire_sent_bytes": [list(p) for p in self.wire_sent],
+                "wire_recv_bytes": [list(p) for p in self.wire_recv]}
+
+    def __str__(self) -> str:
+        lines = [f"PassPlan: {len(self.units)} units on {self.world} rank(s), {self.n_passes} pass(es), "
+                 f"budget {fmt_bytes(self.budget)}/rank, predicted peak {fmt_bytes(self.max_peak())}, "
+                 f"statistics {fmt_bytes(self.stats_bytes_total())} in all"]
+        for p, ps in enumerate(self.passes):
+            n = sum(len(v) for v in ps.values())
+            lines.append(f"  pass {p}: {n} unit(s), peak/rank max {fmt_bytes(max(self.peak[p]))}, "
+                         f"wire/rank max sent {fmt_bytes(max(self.wire_sent[p]))}, "
+                         f"received {fmt_bytes(max(self.wire_recv[p]))}")
+            for r in range(self.world):
+                if ps.get(r):
+                    lines.append(f"    rank {r}: {', '.join(ps[r])}  [{fmt_bytes(self.peak[p][r])}]")
+        return "\n".join(lines)
+
+
+def assign_owners(units: Sequence[UnitCost], world: int) -> Dict[str, int]:
+    """Two-load LPT: balance statistics bytes and solve cost over the ranks (see module doc)."""
+    tot_b = float(sum(u.stats_bytes for u in units)) or 1.0
+    tot_c = float(sum(u.solve_cost for u in units)) or 1.0
+    load_b, load_c = [0.0] * world, [0.0] * world
+    owner = {}
+
+    def size(u):
+        return max(u.stats_bytes / tot_b, u.solve_cost / tot_c)
+
+    for u in sorted(units, key=lambda u: (-size(u), u.name)):
+        r = min(range(world), key=lambda k: (max((load_b[k] + u.stats_bytes) / tot_b,
+                                                 (load_c[k] + u.solve_cost) / tot_c), k))
+        owner[u.name] = r
+        load_b[r] += u.stats_bytes
+        load_c[r] += u.solve_cost
+    return owner
+
+
+def _pack(units: List[UnitCost], k: int, capacity: int):
+    """Worst-fit decreasing of one rank's units into k passes; None if some unit does not fit."""
+    bins: List[List[UnitCost]] = [[] for _ in range(k)]
+    used = [0] * k
+    for u in sorted(units, key=lambda u: (-u.stats_bytes, -u.solve_bytes, u.name)):
+        best = None
+        for b in range(k):
+            need = used[b] + u.stats_bytes + max([u.solve_bytes] + [v.solve_bytes for v in bins[b]])
+            if need <= capacity and (best is None or used[b] < used[best]):
+                best = b
+        if best is None:
+            return None
+        bins[best].append(u)
+        used[best] += u.stats_bytes
+    return bins
+
+
+def plan_passes(units: Sequence[UnitCost], world: int, budget: int) -> PassPlan:
+    """The fewest passes whose predicted per-rank peak fits `budget` bytes (see module doc)."""
+    if world < 1:
+        raise ConfigError(f"world size must be >= 1, got {world}")
+    units = list(units)
+    names = [u.name for u in units]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"unit names must be unique; repeated: {sorted({n for n in names if names.count(n) > 1})}")
+    inflight = max((u.inflight_bytes for u in units), default=0)
+    for u in sorted(units, key=lambda u: u.name):
+        need = u.stats_bytes + u.solve_bytes + inflight
+        if need > budget:
+            raise ConfigError(
+                f"init memory budget {budget} B ({fmt_bytes(budget)}) per rank is too small for unit "
+                f"{u.name!r}: it needs {need} B ({fmt_bytes(need)}) alone (statistics {u.stats_bytes}, "
+                f"solve workspace {u.workspace_bytes}, gathered W {u.weight_bytes}, in-flight rows {inflight}); "
+                "raise the budget (init_memory_budget) or lower the statistics dtype")
+    owner = assign_owners(units, world)
+    mine = {r: [u for u in units if owner[u.name] == r] for r in range(world)}
+    capacity = budget - inflight
+    held = max((sum(u.stats_bytes for u in v) for v in mine.values()), default=0)
+    k = max(1, math.ceil(held / capacity))  # a lower bound: no pass holds more than the capacity
+    while True:
+        packed = {r: _pack(mine[r], k, capacity) for r in range(world)}
+        if all(b is not None for b in packed.values()):
+            break
+        k += 1  # terminates: at k = units per rank every unit has a pass to itself, and each fits alone
+    passes = [{r: [u.name for u in packed[r][p]] for r in range(world) if packed[r][p]} for p in range(k)]
+    passes = [ps for ps in passes if ps]
+    plan = PassPlan(world=world, budget=budget, units={u.name: u for u in units}, owner=owner, passes=passes)
+    _fill_costs(plan)
+    return plan
+
+
+def _fill_costs(plan: PassPlan) -> None:
+    """Predicted peak and wire bytes per pass and rank."""
+    N = plan.world
+    for ps in plan.passes:
+        in_pass = [plan.units[n] for names in ps.values() for n in names]
+        inflight = max((u.inflight_bytes for u in in_pass), default=0)
+        peak, sent, recv = [], [], []
+        for r in range(N):
+            own = [plan.units[n] for n in ps.get(r, [])]
+            peak.append(sum(u.stats_bytes for u in own) + inflight + max((u.solve_bytes for u in own), default=0))
+            recv.append(sum(u.wire_bytes for u in own) * (N - 1))
+            sent.append(sum(u.wire_bytes for u in in_pass) - sum(u.wire_bytes for u in own))
+        plan.peak.append(peak)
+        plan.wire_sent.append(sent)
+        plan.wire_recv.append(recv)
