@@ -47,6 +47,18 @@ DATA_FREE_INITS = ("kaiming", "gaussian", "none")
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
+UPDATE_RULES = ("plain", "lora_fa", "lora_pro")
+# Which adapter kind each update rule needs (see docs/update_rules.md): LoRA-FA's projection assumes a
+# frozen A; LoRA-Pro adjusts a trainable plain pair (B, A). None = any kind.
+RULE_KINDS = {"plain": None, "lora_fa": ("lora_fa",), "lora_pro": ("lora",)}
+# The update_options each rule reads, with their defaults (the reference values of LoRA-Pro / PEFT).
+RULE_OPTIONS = {
+    "plain": {},
+    "lora_fa": {"delta": 1e-8},
+    "lora_pro": {"delta": 1e-8, "betas": [0.9, 0.999], "eps": 1e-8, "moments_dtype": "float32",
+                 "moments": "full"},
+}
+
 
 @dataclass
 class AdapterConfig:
@@ -66,6 +78,12 @@ class AdapterConfig:
         compute (costs activation memory: the adapter input is kept in fp32).
     tied_trainable: for kind tied_lora, which of A, B, u, v train ("ABuv" = TL6, all four).
     vera_d_initial: VeRA's initial lambda_d.
+    update_rule: how gradients become updates (docs/update_rules.md): "plain" (the optimizer as
+        configured), "lora_fa" (kind lora_fa: g̃_B = s⁻²·g_B·(AAᵀ+δI)⁻¹ inside backward), "lora_pro"
+        (kind lora, rsLoRA too: LoRA-Pro's adjusted gradients under an SGD inner step).
+    update_options: the rule's options: lora_fa {delta}; lora_pro {delta, betas, eps, moments_dtype,
+        moments: "full" | "none"}. Missing keys take RULE_OPTIONS' defaults.
+    loraplus_lr_ratio: LoRA+ (None = off): B and 1-D adapter vectors train at lr·ratio, A at lr.
     """
 
     kind: str = "lora"
@@ -82,6 +100,9 @@ class AdapterConfig:
     adapter_dtype: Optional[str] = None
     tied_trainable: str = "ABuv"
     vera_d_initial: float = 0.1
+    update_rule: str = "plain"
+    update_options: dict = field(default_factory=dict)
+    loraplus_lr_ratio: Optional[float] = None
 
     def __post_init__(self):
         if self.init is None:
@@ -95,6 +116,10 @@ class AdapterConfig:
     def scaling(self) -> float:
         """s = alpha / r, or alpha / sqrt(r) with rsLoRA."""
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def update_option(self, key: str):
+        """The rule's option `key`: the given value, or the rule's default."""
+        return self.update_options.get(key, RULE_OPTIONS[self.update_rule][key])
 
     @property
     def needs_initialize(self) -> bool:
@@ -138,7 +163,32 @@ class AdapterConfig:
         if not self.tied_trainable or set(self.tied_trainable) - set("ABuv"):
             raise ConfigError(
                 f"AdapterConfig.tied_trainable={self.tied_trainable!r}: use letters from 'ABuv' (TL6 = 'ABuv')")
+        self._validate_update_rule()
         return self
+
+    def _validate_update_rule(self) -> None:
+        rule = self.update_rule
+        if rule not in UPDATE_RULES:
+            raise ConfigError(f"AdapterConfig.update_rule={rule!r} is unknown; choose one of {list(UPDATE_RULES)}")
+        kinds = RULE_KINDS[rule]
+        if kinds is not None and self.kind not in kinds:
+            raise ConfigError(f"AdapterConfig: update_rule={rule!r} needs kind in {list(kinds)}, got "
+                              f"kind={self.kind!r}")
+        _check_update_options(rule, self.update_options)
+        ratio = self.loraplus_lr_ratio
+        if ratio is None:
+            return
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0 or not math.isfinite(ratio):
+            raise ConfigError(f"AdapterConfig.loraplus_lr_ratio must be a finite number > 0 or None, got {ratio!r}")
+        has_B = self.kind in ("lora", "lora_fa", "dora") or (self.kind == "tied_lora" and "B" in self.tied_trainable)
+        if not has_B:
+            raise ConfigError(f"AdapterConfig.loraplus_lr_ratio needs a trainable B; kind={self.kind!r}"
+                              + (f" with tied_trainable={self.tied_trainable!r}" if self.kind == "tied_lora" else "")
+                              + " has none")
+        if rule == "lora_pro":
+            # LoRA-Pro's adjustment is the optimum for one step size shared by A and B.
+            raise ConfigError("AdapterConfig.loraplus_lr_ratio cannot be combined with update_rule='lora_pro' "
+                              "(its adjusted gradients assume one learning rate for A and B)")
 
     # ---- JSON round trip -----------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -164,6 +214,33 @@ class AdapterConfig:
         except json.JSONDecodeError as e:
             raise ConfigError(f"AdapterConfig JSON is invalid at line {e.lineno} column {e.colno}: {e.msg}") from None
         return cls.from_dict(d)
+
+
+def _check_update_options(rule: str, opts) -> None:
+    """update_options: known keys for the rule, each of the right type and range."""
+    if not isinstance(opts, dict):
+        raise ConfigError(f"AdapterConfig.update_options must be a dict, got {opts!r}")
+    known = RULE_OPTIONS[rule]
+    unknown = sorted(set(opts) - set(known))
+    if unknown:
+        raise ConfigError(f"AdapterConfig.update_options: {unknown} do not apply to update_rule={rule!r}; "
+                          f"it takes {sorted(known) or 'none'}")
+    for key in ("delta", "eps"):
+        v = opts.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1):
+            raise ConfigError(f"AdapterConfig.update_options[{key!r}] must be a number in (0, 1), got {v!r}")
+    if "betas" in opts:
+        b = opts["betas"]
+        ok = isinstance(b, (list, tuple)) and len(b) == 2 and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1 for x in b)
+        if not ok:
+            raise ConfigError(f"AdapterConfig.update_options['betas'] must be two numbers in [0, 1), got {b!r}")
+        opts["betas"] = [float(x) for x in b]  # a JSON round trip gives a list: keep one form
+    if opts.get("moments_dtype", "float32") not in ("float32", "bfloat16", "float64"):
+        raise ConfigError(f"AdapterConfig.update_options['moments_dtype']={opts['moments_dtype']!r}; "
+                          "choose float32, bfloat16 or float64")
+    if opts.get("moments", "full") not in ("full", "none"):
+        raise ConfigError(f"AdapterConfig.update_options['moments']={opts['moments']!r}; choose 'full' or 'none'")
 
 
 def torch_dtype(name: Optional[str]):
