@@ -113,6 +113,13 @@ class Method:
         """Relative solve cost of one layer (flop-like), for the owner plan; opts: the init options."""
         return float(d_out * d_in * min(d_out, d_in))
 
+    def workspace_bytes(self, d_out: int, d_in: int, r: int, opts: Dict, itemsize: int) -> int:
+        """Bytes one layer's solve allocates on its owner beyond its statistics and W, at `itemsize`
+        bytes per element (the solve dtype); counted from the solve's buffers. Default: a full SVD's
+        factors, U (d_out×k) and Vᵀ (k×d_in) with k = min(d_out, d_in), plus LAPACK's k² workspace."""
+        k = min(d_out, d_in)
+        return (d_out * k + k * d_in + k * k) * itemsize
+
     def solve(self, p: LayerProblem) -> LayerSolution:
         raise NotImplementedError
 

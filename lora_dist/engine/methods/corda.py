@@ -72,6 +72,11 @@ class CorDA(Method):
     def cost(self, d_out, d_in, r, opts=None):
         return float(d_in ** 3 + d_out * d_in * d_in + d_out * d_in * min(d_out, d_in))
 
+    def workspace_bytes(self, d_out, d_in, r, opts, itemsize):
+        """damped_inverse holds C, I, C_λ, C_λ⁻¹ and C_λ·C_λ⁻¹ (5·d_in²); then W·C and its SVD factors
+        (3·d_out·d_in, the k² LAPACK workspace within)."""
+        return (5 * d_in * d_in + 3 * d_out * d_in) * itemsize
+
     def solve(self, p: LayerProblem) -> LayerSolution:
         W = p.W.to(p.dtype)
         C, Cinv, lam = damped_inverse(p.stats[INPUT_MOMENT]["second"].to(p.dtype), float(p.options["damping"]))

@@ -55,6 +55,10 @@ class EVA(Method):
     def cost(self, d_out, d_in, r, opts=None):
         return float(d_in ** 3)
 
+    def workspace_bytes(self, d_out, d_in, r, opts, itemsize):
+        """cov, its symmetrized temporaries and eigh's eigenvectors: about 4·d_in²."""
+        return 4 * d_in * d_in * itemsize
+
     def solve(self, p: LayerProblem) -> LayerSolution:
         m = p.stats[INPUT_MOMENT]
         mu = m["mean"].to(p.dtype)

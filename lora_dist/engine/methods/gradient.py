@@ -50,6 +50,15 @@ def top_singular(M: torch.Tensor, k: int, niter: Optional[int], q: int, p: Layer
     return U, S, V
 
 
+def _singular_workspace(d_out, d_in, r, opts, itemsize) -> int:
+    """top_singular's buffers: a full SVD's factors (d_out·k + k·d_in + k², k = min), or with niter
+    svd_lowrank's few (d_out + d_in)·q blocks (q ≤ 4r, as its callers ask)."""
+    k = min(d_out, d_in)
+    if opts.get("niter") is None:
+        return (d_out * k + k * d_in + k * k) * itemsize
+    return 4 * (d_out + d_in) * 4 * r * itemsize
+
+
 def _gradient(p: LayerProblem) -> torch.Tensor:
     g = p.stats[WEIGHT_GRADIENT].to(p.dtype)
     if not torch.isfinite(g).all():
@@ -90,6 +99,9 @@ class LoRAGA(Method):
         if o["scale"] not in self.SCALES:
             raise option_error(self.name, "scale", o["scale"], f"one of {list(self.SCALES)}")
         _check_niter(self.name, o["niter"])
+
+    def workspace_bytes(self, d_out, d_in, r, opts, itemsize):
+        return _singular_workspace(d_out, d_in, r, opts, itemsize)
 
     def solve(self, p: LayerProblem) -> LayerSolution:
         o, r = p.options, p.r
@@ -138,6 +150,9 @@ class LoRAOne(Method):
         _check_positive(self.name, "gamma", o["gamma"])
         _check_niter(self.name, o["niter"])
 
+    def workspace_bytes(self, d_out, d_in, r, opts, itemsize):
+        return _singular_workspace(d_out, d_in, r, opts, itemsize)
+
     def solve(self, p: LayerProblem) -> LayerSolution:
         U, S, V = top_singular(-_gradient(p), p.r, p.options["niter"], 4 * p.r, p)
         sigma1 = float(S[0])
@@ -176,6 +191,9 @@ class LoRASB(Method):
 
     def cost(self, d_out, d_in, r, opts=None):
         return float(d_out * d_in * r * 12)
+
+    def workspace_bytes(self, d_out, d_in, r, opts, itemsize):
+        return _singular_workspace(d_out, d_in, r, opts, itemsize)
 
     def solve(self, p: LayerProblem) -> LayerSolution:
         eta = p.options["eta"] if p.options["eta"] is not None else p.lr

@@ -83,6 +83,14 @@ class LoRADA(Method):
     def cost(self, d_out, d_in, r, opts=None):
         return float(d_in ** 3 + d_in * d_in * d_out)
 
+    def workspace_bytes(self, d_out, d_in, r, opts, itemsize):
+        """sym(A_in)+λI and its Cholesky L (then L and Ω; then Ω and its transposed copy): 2·d_in²;
+        gᵀ·Ginv and ΔŴ: 2·d_in·d_out; fisher="full" adds G's sym, Cholesky and inverse: 3·d_out²."""
+        n = 2 * d_in * d_in + 2 * d_in * d_out
+        if opts.get("fisher") == "full":
+            n += 3 * d_out * d_out
+        return n * itemsize
+
     def solve(self, p: LayerProblem) -> LayerSolution:
         o = p.options
         n_train = o["n_train"] if o["n_train"] is not None else p.n_train

@@ -67,6 +67,12 @@ class PiSSA(Method):
             return float(d_out * d_in * r * (2 * int(niter) + 2))
         return svd_cost(d_out, d_in)
 
+    def workspace_bytes(self, d_out, d_in, r, opts, itemsize):
+        """Randomized (niter): svd_lowrank's few (d_out + d_in)·r blocks; else a full SVD's factors."""
+        if opts.get("niter") is not None and not self.smallest:
+            return 4 * (d_out + d_in) * r * itemsize
+        return super().workspace_bytes(d_out, d_in, r, opts, itemsize)
+
     def solve(self, p: LayerProblem) -> LayerSolution:
         U, S, V = _svd(p.W, p.r, p.options.get("niter"), p, smallest=self.smallest)
         root = torch.sqrt(S / p.scaling)
@@ -97,6 +103,11 @@ class OLoRA(Method):
     needs = frozenset({WEIGHT})
     writes_weight = True
     reference = "Büyükakyüz 2024, OLoRA; PEFT init_lora_weights='olora'"
+
+    def workspace_bytes(self, d_out, d_in, r, opts, itemsize):
+        """Thin QR: Q (d_out×k) and R (k×d_in), k = min(d_out, d_in)."""
+        k = min(d_out, d_in)
+        return (d_out * k + k * d_in) * itemsize
 
     def solve(self, p):
         Q, R = torch.linalg.qr(p.W)
