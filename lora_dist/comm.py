@@ -1,7 +1,9 @@
-"""How bytes move: the few collectives the engine uses, each a no-op at world size 1.
+"""How bytes move: every collective lora_dist uses (engine, export, training job), each a no-op at
+world size 1 or when torch.distributed is not initialized.
 
-Every call counts the bytes this rank sends (`Comm.sent`), so the report can compare the
-reduce-to-owner design with an all-reduce of the same statistics.
+Every tensor collective counts the bytes this rank sends (`Comm.sent`), so the report can compare
+the reduce-to-owner design with an all-reduce of the same statistics. Scalars travel on the
+backend's device (CUDA for NCCL, which accepts no CPU tensors; CPU for gloo).
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+from .errors import DistributedError
 from .zero import full_numel, full_shape, is_partitioned
 
 
@@ -18,6 +21,9 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 class Comm:
+    """The collectives of the default process group; `on` is False at world size 1, and every
+    method then returns its input (a sum over one rank, a broadcast from oneself)."""
+
     def __init__(self):
         self.on = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.rank = dist.get_rank() if self.on else 0
@@ -25,21 +31,31 @@ class Comm:
         self.sent = 0                  # bytes this rank sent, all collectives
         self.reduce_sent = 0           # of which: reducing statistics to their owners
         self.allreduce_equivalent = 0  # bytes a ring all-reduce of the same reductions would send
+        nccl = self.on and dist.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     def barrier(self):
         if self.on:
             dist.barrier()
 
     def sum_scalars(self, values: List[float]) -> List[float]:
-        """All-reduce a few float64 scalars (counts, normalizers)."""
-        t = torch.tensor(values, dtype=torch.float64)
+        """All-reduce a few float64 scalars (counts, normalizers): Σ_ranks values[i] for each i."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.on:
             dist.all_reduce(t)
             self.sent += 2 * _nbytes(t)
         return t.tolist()
 
+    def sum(self, value: float) -> float:
+        """Σ_ranks value."""
+        return self.sum_scalars([value])[0]
+
+    def mean(self, value: float) -> float:
+        """(1/world)·Σ_ranks value, e.g. a loss averaged over data-parallel ranks."""
+        return self.sum(value) / self.world
+
     def max_int(self, value: int) -> int:
-        t = torch.tensor([value], dtype=torch.int64)
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
         if self.on:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
@@ -51,13 +67,22 @@ class Comm:
         dist.all_gather_object(out, obj)
         return out
 
-    def raise_if_any(self, message, exc=RuntimeError) -> None:
+    def raise_if_any(self, message, exc=DistributedError) -> None:
         """Collective error: if any rank has a message, every rank raises the first one.
 
         A rank that raised alone would leave the others waiting in the next collective forever."""
         messages = [m for m in self.all_gather_object(message) if m]
         if messages:
             raise exc(messages[0])
+
+    def raise_from_rank0(self, message, exc=DistributedError) -> None:
+        """Collective decision: rank 0's message (others' are ignored) is raised on every rank.
+
+        For checks of shared state (an output directory on a shared file system) that ranks could
+        see differently if each looked itself, e.g. while another node is already writing."""
+        message = self.broadcast_object(message if self.rank == 0 else None, src=0)
+        if message:
+            raise exc(message)
 
     def reduce_to(self, t: torch.Tensor, dst: int) -> Optional[torch.Tensor]:
         """Sum `t` over ranks onto `dst`; returns the sum on dst, None elsewhere (t is then garbage)."""
@@ -79,6 +104,16 @@ class Comm:
             if self.rank == src:
                 self.sent += _nbytes(t) * (self.world - 1)
         return t
+
+    def broadcast_tensors(self, values: Optional[dict], shapes: dict, dtype: torch.dtype, device,
+                          src: int) -> dict:
+        """Named tensors held by `src` (`values`, ignored elsewhere) on every rank, in `shapes` order."""
+        out = {}
+        for key, shape in shapes.items():
+            t = (values[key].to(device=device, dtype=dtype).contiguous() if self.rank == src
+                 else torch.empty(shape, dtype=dtype, device=device))
+            out[key] = self.broadcast(t, src)
+        return out
 
     def broadcast_object(self, obj, src: int):
         if not self.on:

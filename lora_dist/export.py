@@ -11,8 +11,10 @@ Every kind becomes something stock PEFT loads with the same logits:
 PEFT's scale is lora_alpha/r; we write lora_alpha = s'·r' per module (rank_pattern/alpha_pattern
 where modules differ) and use_rslora = false, which is the same number whatever produced s'.
 
-Only adapter parameters are gathered (one layer at a time under ZeRO-3), never the full model, and
-rank 0 writes into a temporary directory that is renamed into place: a crash leaves no half adapter.
+Only adapter parameters are gathered (one layer at a time under ZeRO-3), never the full model.
+`save_adapter` never deletes what it did not write: the target is a new or empty directory or a
+previous adapter's, anything else is refused. Rank 0 writes the files into a staging folder and
+renames them into place, configs last: a crash leaves no half adapter.
 """
 from __future__ import annotations
 
@@ -24,21 +26,18 @@ from collections import Counter
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from .adapters import AdapterLinear, adapter_modules, merge_module
+from .comm import Comm
 from .config import AdapterConfig, ConfigError
-from .zero import gathered, is_partitioned, rank, unwrap_engine, world_size, write_params
+from .zero import gathered, is_partitioned, rank, unwrap_engine, write_params
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 OUR_CONFIG = "lora_dist_config.json"
 OUR_WEIGHTS = "lora_dist_adapter.safetensors"
-
-
-def _barrier():
-    if world_size() > 1:
-        dist.barrier()
+OWN_FILES = (PEFT_CONFIG, PEFT_WEIGHTS, OUR_CONFIG, OUR_WEIGHTS)  # all that save_adapter writes
+STAGING = ".lora_dist_staging"  # prefix of save_adapter's temporary folder inside the target
 
 
 def _model_name(module) -> Optional[str]:
@@ -77,8 +76,102 @@ def _module_state(m: AdapterLinear) -> dict:
     return {"ours": out, "peft": peft, "scale": float(scale), "rank": peft["lora_A.weight"].shape[0]}
 
 
+def _refusal(path: str) -> Optional[str]:
+    """Why `path` cannot receive an adapter (None if it can): it must be new, an empty directory,
+    or a directory holding only files `save_adapter` writes (a previous adapter, a crashed save)."""
+    if not os.path.lexists(path):
+        return None
+    if not os.path.isdir(path):
+        return (f"save_adapter: {path!r} exists and is not a directory; give a new or empty directory "
+                "(nothing was written)")
+    foreign = sorted(e for e in os.listdir(path) if e not in OWN_FILES and not e.startswith(STAGING))
+    if foreign:
+        shown = foreign[:8] + (["..."] if len(foreign) > 8 else [])
+        return (f"save_adapter: {path!r} holds files that are not a lora_dist adapter's: {shown}; save into a "
+                "new or empty directory, or one holding only a previous adapter (nothing was written)")
+    return None
+
+
+def _gather_state(mods, config: AdapterConfig):
+    """(our tensors, PEFT tensors, rank per module, alpha per module) as full CPU copies (collective)."""
+    ours, peft, ranks, alphas = {}, {}, {}, {}
+    for name, m in mods:
+        st = _module_state(m)
+        for k, v in st["ours"].items():
+            ours[f"{name}.{k}"] = v
+        for k, v in st["peft"].items():
+            peft[f"base_model.model.{name}.{k}"] = v
+        ranks[name] = st["rank"]
+        alphas[name] = st["scale"] * st["rank"]
+    if config.kind == "vera":  # one frozen pair shared by every layer: stored once
+        ours["vera.A"], ours["vera.B"] = mods[0][1].vera_A.cpu().clone(), mods[0][1].vera_B.cpu().clone()
+    return ours, peft, ranks, alphas
+
+
+def _configs(module, mods, config: AdapterConfig, ranks: dict, alphas: dict, name_or_path) -> tuple:
+    """adapter_config.json (PEFT) and lora_dist_config.json contents.
+
+    PEFT's per-module scale is alpha/r: the most common (r, alpha) pair is the default and the others
+    go into rank_pattern / alpha_pattern (regexes of the exact module names)."""
+    r0, a0 = Counter(zip(ranks.values(), alphas.values())).most_common(1)[0][0]
+    peft_cfg = {
+        "peft_type": "LORA", "task_type": _task_type(module),
+        "base_model_name_or_path": name_or_path, "r": int(r0), "lora_alpha": float(a0),
+        "target_modules": [n for n, _ in mods], "lora_dropout": float(config.dropout),
+        "use_rslora": False, "use_dora": config.kind == "dora", "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": None,
+        "rank_pattern": {re.escape(n): int(r) for n, r in ranks.items() if r != r0},
+        "alpha_pattern": {re.escape(n): float(a) for n, a in alphas.items() if (ranks[n], a) != (r0, a0)},
+    }
+    ours_cfg = {
+        "format": 1, "config": config.to_dict(),
+        "modules": {n: [m.out_features, m.in_features] for n, m in mods},
+        "base_model": {"class": type(module).__name__, "name_or_path": name_or_path},
+        "base_rewritten": any(m.init_factors is not None for _, m in mods),
+    }
+    return peft_cfg, ours_cfg
+
+
+def _write_files(path: str, contents: dict) -> None:
+    """Write {file name: writer(target path)} into `path`, crash-safe, touching no other entry.
+
+    Every file is written and fsynced in a staging folder first. Then the two config files (which
+    make the directory an adapter for PEFT and for us) are removed, the weights renamed into place,
+    and the configs renamed last, ours the very last. A crash at any point leaves the old adapter,
+    a directory that neither PEFT nor `load_adapter` takes for an adapter, or the new adapter; never
+    new weights under an old config."""
+    os.makedirs(path, exist_ok=True)
+    for e in os.listdir(path):  # staging left by a crashed save of ours
+        if e.startswith(STAGING):
+            shutil.rmtree(os.path.join(path, e), ignore_errors=True)
+    stage = os.path.join(path, f"{STAGING}{os.getpid()}")
+    os.makedirs(stage)
+    for name, write in contents.items():
+        write(os.path.join(stage, name))
+        with open(os.path.join(stage, name), "rb") as f:
+            os.fsync(f.fileno())
+    for name in (PEFT_CONFIG, OUR_CONFIG):
+        if os.path.lexists(os.path.join(path, name)):
+            os.remove(os.path.join(path, name))
+    for name in (PEFT_WEIGHTS, OUR_WEIGHTS, PEFT_CONFIG, OUR_CONFIG):
+        os.replace(os.path.join(stage, name), os.path.join(path, name))
+    os.rmdir(stage)
+
+
+def _json_writer(obj):
+    def write(target):
+        with open(target, "w") as f:
+            json.dump(obj, f, indent=2)
+    return write
+
+
 def save_adapter(model_or_engine, path: str, base_model_name_or_path: Optional[str] = None) -> None:
-    """Write the adapters of `model_or_engine` to `path` (collective; rank 0 writes)."""
+    """Write the adapters of `model_or_engine` to `path` (collective; rank 0 writes).
+
+    `path` must be new, an empty directory, or a previous adapter's directory (its four files are
+    replaced); anything else raises ConfigError on every rank before any parameter is gathered.
+    """
     from safetensors.torch import save_file
 
     module, _ = unwrap_engine(model_or_engine)
@@ -91,53 +184,24 @@ def save_adapter(model_or_engine, path: str, base_model_name_or_path: Optional[s
     if any(m.needs_init for _, m in mods):
         raise ConfigError("save_adapter: initialize_adapters has not run for this config's init "
                           f"{config.init!r}; the adapters hold no trained or initialized values")
-
-    ours, peft, ranks, alphas, shapes = {}, {}, {}, {}, {}
-    for name, m in mods:
-        st = _module_state(m)
-        for k, v in st["ours"].items():
-            ours[f"{name}.{k}"] = v
-        for k, v in st["peft"].items():
-            peft[f"base_model.model.{name}.{k}"] = v
-        ranks[name] = st["rank"]
-        alphas[name] = st["scale"] * st["rank"]
-        shapes[name] = [m.out_features, m.in_features]
-    if config.kind == "vera":  # one frozen pair shared by every layer: stored once
-        ours["vera.A"], ours["vera.B"] = mods[0][1].vera_A.cpu().clone(), mods[0][1].vera_B.cpu().clone()
-    if rank() == 0:
-        r0, a0 = Counter(zip(ranks.values(), alphas.values())).most_common(1)[0][0]
+    comm = Comm()
+    # rank 0 alone looks at the (possibly shared) file system, and decides for every rank
+    comm.raise_from_rank0(_refusal(path) if comm.rank == 0 else None, ConfigError)
+    ours, peft, ranks, alphas = _gather_state(mods, config)
+    failed = None
+    if comm.rank == 0:
         name_or_path = base_model_name_or_path or _model_name(module)
-        peft_cfg = {
-            "peft_type": "LORA", "task_type": _task_type(module),
-            "base_model_name_or_path": name_or_path, "r": int(r0), "lora_alpha": float(a0),
-            "target_modules": [n for n, _ in mods], "lora_dropout": float(config.dropout),
-            "use_rslora": False, "use_dora": config.kind == "dora", "bias": "none",
-            "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-            "modules_to_save": None,
-            "rank_pattern": {re.escape(n): int(r) for n, r in ranks.items() if r != r0},
-            "alpha_pattern": {re.escape(n): float(a) for n, a in alphas.items()
-                              if (ranks[n], a) != (r0, a0)},
-        }
-        ours_cfg = {
-            "format": 1, "config": config.to_dict(), "modules": shapes,
-            "base_model": {"class": type(module).__name__, "name_or_path": name_or_path},
-            "base_rewritten": any(m.init_factors is not None for _, m in mods),
-        }
-        tmp = path.rstrip("/") + f".tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        with open(os.path.join(tmp, PEFT_CONFIG), "w") as f:
-            json.dump(peft_cfg, f, indent=2)
-        with open(os.path.join(tmp, OUR_CONFIG), "w") as f:
-            json.dump(ours_cfg, f, indent=2)
-        save_file({k: v.contiguous() for k, v in peft.items()}, os.path.join(tmp, PEFT_WEIGHTS))
-        save_file({k: v.contiguous() for k, v in ours.items()}, os.path.join(tmp, OUR_WEIGHTS))
-        old = path.rstrip("/") + f".old{os.getpid()}"
-        if os.path.exists(path):
-            os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+        peft_cfg, ours_cfg = _configs(module, mods, config, ranks, alphas, name_or_path)
+        try:
+            _write_files(path, {
+                PEFT_CONFIG: _json_writer(peft_cfg), OUR_CONFIG: _json_writer(ours_cfg),
+                PEFT_WEIGHTS: lambda t: save_file({k: v.contiguous() for k, v in peft.items()}, t),
+                OUR_WEIGHTS: lambda t: save_file({k: v.contiguous() for k, v in ours.items()}, t),
+            })
+        except OSError as e:  # disk full, no permission...: every rank must hear of it, not wait
+            failed = f"save_adapter: writing the adapter to {path!r} failed: {e}"
+    # also the barrier: the adapter is complete on disk when any rank returns
+    comm.raise_if_any(failed, ConfigError)
 
 
 def read_adapter_config(path: str) -> dict:

