@@ -135,3 +135,216 @@ def lora_pro_step(g_A: torch.Tensor, g_B: torch.Tensor, A: torch.Tensor, B: torc
     hA, hB = s * (Bd.T @ Gh), s * (Gh @ Ad.T)
     out_A, out_B = _adjust(hA, hB, A, B, s, delta, sylvester=True)
     return out_A.to(g_A.dtype), out_B.to(g_B.dtype), M64.to(mdtype), V64.to(mdtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA-FA inside backward
+# --------------------------------------------------------------------------------------------------
+
+
+class RuleHandle:
+    """What `attach_update_rule` installed: the gradient hooks (`remove()` takes them off) and, per
+    LoRA-FA layer, G_A = AAᵀ+δI and its inverse (float64, r×r) for `clip_grad_norm_`."""
+
+    def __init__(self, rule: str, scaling: float):
+        self.rule = rule
+        self.scaling = scaling
+        self.hooks = []
+        self.layers = {}  # B parameter -> (G_A, P_A)
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+        self.layers.clear()
+
+
+def _fa_hook(P: torch.Tensor, scaling: float):
+    """g_B ↦ s⁻²·g_B·P_A, computed in float64 (an r-wide GEMM) and cast back to g_B's dtype."""
+    cache = {}
+
+    def hook(g: torch.Tensor) -> torch.Tensor:
+        Pd = cache.get(g.device)
+        if Pd is None:
+            Pd = cache[g.device] = P.to(g.device) / scaling ** 2
+        return (g.double() @ Pd).to(g.dtype)
+    return hook
+
+
+def attach_update_rule(model_or_engine, config=None) -> RuleHandle:
+    """Install `config.update_rule` (default: the model's own config) on every adapted layer.
+
+    lora_fa: A is frozen, so P_A = (AAᵀ+δI)⁻¹ is fixed: it is built here once per layer from the full
+    A (gathered under ZeRO-3; collective: every rank calls this) and a gradient hook on B maps each
+    micro-batch's g_B to s⁻²·g_B·P_A before it is accumulated or reduced. Because the map is linear,
+    the reduced, accumulated gradient is exactly the projection of the reduced one, on any world size.
+    Call it after `initialize_adapters`/`load_adapter` (A final), before the first backward.
+    plain: nothing to install. lora_pro: see docs/update_rules.md (not installed by this function).
+    """
+    from .adapters import adapter_modules
+    from .zero import read_full, unwrap_engine
+
+    module, _ = unwrap_engine(model_or_engine)
+    config = config or getattr(module, "lora_dist_config", None)
+    if config is None:
+        raise ConfigError("attach_update_rule: the model has no adapters (call inject_adapters first)")
+    old = getattr(module, "_lora_dist_rule", None)
+    if old is not None:  # attaching twice would project twice
+        old.remove()
+    handle = RuleHandle(config.update_rule, config.scaling)
+    if config.update_rule == "lora_pro":
+        raise ConfigError("attach_update_rule: update_rule='lora_pro' acts between backward and step, "
+                          "not in backward; it is not available through attach_update_rule (docs/update_rules.md)")
+    if config.update_rule == "lora_fa":
+        delta = float(config.update_option("delta"))
+        for name, m in adapter_modules(module):
+            if m.needs_init:
+                raise ConfigError(f"attach_update_rule: adapter {name!r} is not initialized yet; LoRA-FA's "
+                                  "projection is built from the final A: run initialize_adapters first")
+            if m.lora_A.requires_grad:
+                raise ConfigError(f"attach_update_rule: update_rule='lora_fa' needs a frozen A; {name}.lora_A trains")
+            (A,) = read_full([m.lora_A])
+            G = A.double() @ A.double().T + delta * torch.eye(A.shape[0], dtype=torch.float64)
+            P = torch.cholesky_inverse(torch.linalg.cholesky(G))
+            handle.layers[m.lora_B] = (G, P)
+            handle.hooks.append(m.lora_B.register_hook(_fa_hook(P, config.scaling)))
+    module._lora_dist_rule = handle
+    return handle
+
+
+def clip_grad_norm_(model, max_norm: float, order: str = "projected") -> float:
+    """Clip the gradients of a plain (non-DeepSpeed) model in place; returns the norm it clipped by.
+
+    order="projected": the norm of the gradients as they are (LoRA-FA's projected g̃_B), as
+        torch.nn.utils.clip_grad_norm_ and DeepSpeed's `gradient_clipping` see them.
+    order="raw": PEFT + HF Trainer's clip-then-project: the norm is that of the raw gradients,
+        recovered exactly from the projected ones as g_B = s²·g̃_B·(AAᵀ+δI); since the projection is
+        linear, scaling g̃_B by c = min(1, max_norm/(‖g_raw‖+1e-6)) equals projecting c·g_raw.
+    """
+    if order not in ("projected", "raw"):
+        raise ConfigError(f"clip_grad_norm_: order={order!r}; choose 'projected' or 'raw'")
+    params = [p for p in model.parameters() if p.grad is not None]
+    handle = getattr(model, "_lora_dist_rule", None)
+    layers = handle.layers if (handle is not None and order == "raw") else {}
+    sq = torch.zeros((), dtype=torch.float64)
+    for p in params:
+        g = p.grad.double()
+        if p in layers:
+            g = handle.scaling ** 2 * (g @ layers[p][0].to(g.device))
+        sq += (g * g).sum().cpu()
+    norm = float(sq.sqrt())
+    coef = min(1.0, max_norm / (norm + 1e-6))
+    if coef < 1.0:
+        for p in params:
+            p.grad.mul_(coef)
+    return norm
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA+: parameter groups, and the schedulers that would undo them
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_B_side(name: str, p: torch.Tensor) -> bool:
+    """PEFT's LoRA+ split: B matrices and 1-D adapter vectors (DoRA's m, Tied-LoRA's u, v)."""
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf == "lora_B" or (p.dim() == 1 and leaf not in ("weight", "bias"))
+
+
+def param_groups(model_or_engine, config, lr: float, weight_decay: float = 0.0) -> list:
+    """Optimizer parameter groups for the model's trainable parameters.
+
+    Without `config.loraplus_lr_ratio`: one group at `lr`. With ratio ρ (LoRA+): group "lora_A"
+    (A and every other trainable tensor) at lr, group "lora_B" (B and 1-D adapter vectors) at lr·ρ.
+    Each group carries `lr_ratio` (1 or ρ) so a scheduler's per-group values can be derived
+    (`per_group_scheduler`). Empty groups are left out. Pass the list as DeepSpeed's
+    `model_parameters` (or to a torch optimizer): the group's own lr wins over the ds_config's.
+    """
+    from .zero import unwrap_engine
+
+    module, _ = unwrap_engine(model_or_engine)
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    if not named:
+        raise ConfigError("param_groups: the model has no trainable parameters")
+    ratio = config.loraplus_lr_ratio
+    if ratio is None:
+        return [{"params": [p for _, p in named], "lr": lr, "weight_decay": weight_decay,
+                 "name": "all", "lr_ratio": 1.0}]
+    a = [p for n, p in named if not _is_B_side(n, p)]
+    b = [p for n, p in named if _is_B_side(n, p)]
+    groups = [{"params": a, "lr": lr, "weight_decay": weight_decay, "name": "lora_A", "lr_ratio": 1.0},
+              {"params": b, "lr": lr * ratio, "weight_decay": weight_decay, "name": "lora_B",
+               "lr_ratio": float(ratio)}]
+    return [g for g in groups if g["params"]]
+
+
+# scheduler type -> the params holding an absolute LR that DeepSpeed applies to every group alike when
+# given one number (WarmupCosineLR scales each group's own lr and is not listed).
+_FLATTENING = {
+    "WarmupLR": ("warmup_min_lr", "warmup_max_lr"),
+    "WarmupDecayLR": ("warmup_min_lr", "warmup_max_lr"),
+    "OneCycle": ("cycle_min_lr", "cycle_max_lr"),
+    "LRRangeTest": ("lr_range_test_min_lr",),
+}
+# DeepSpeed's defaults when the key is absent (None: the groups' own lr, which keeps the ratio).
+_DEFAULTS = {("WarmupLR", "warmup_max_lr"): None, ("WarmupLR", "warmup_min_lr"): 0.0,
+             ("WarmupDecayLR", "warmup_max_lr"): 0.001, ("WarmupDecayLR", "warmup_min_lr"): 0.0,
+             ("LRRangeTest", "lr_range_test_min_lr"): 0.001}
+
+
+def _scheduler_lr_values(ds_config: dict):
+    """(type, [(key, value-or-default)]) of the scheduler's absolute-LR params ([] when none)."""
+    sched = (ds_config or {}).get("scheduler")
+    if not sched:
+        return None, []
+    kind = sched.get("type")
+    params = sched.get("params") or {}
+    keys = _FLATTENING.get(kind, ())
+    return kind, [(k, params.get(k, _DEFAULTS.get((kind, k)))) for k in keys]
+
+
+def check_scheduler(ds_config: dict, groups: list) -> None:
+    """Refuse a DeepSpeed scheduler that would set one LR on groups meant to differ (LoRA+).
+
+    WarmupLR / WarmupDecayLR / OneCycle / LRRangeTest write an absolute LR into every group; given
+    one number (as our ds_config filling writes `warmup_max_lr`) that undoes the ratio. A list with
+    one value per group, proportional to the groups' `lr_ratio`, keeps it; so does a zero, and
+    WarmupCosineLR, which scales each group's own lr. Raises DeepSpeedConfigError naming the key.
+    """
+    from .errors import DeepSpeedConfigError
+
+    ratios = [float(g.get("lr_ratio", 1.0)) for g in groups]
+    if len(set(ratios)) <= 1:
+        return
+    kind, values = _scheduler_lr_values(ds_config)
+    for key, v in values:
+        where = f"scheduler.params.{key} (scheduler.type {kind})"
+        if v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0):
+            continue
+        if isinstance(v, (list, tuple)):
+            if len(v) != len(groups):
+                raise DeepSpeedConfigError(f"{where} has {len(v)} values for {len(groups)} parameter groups")
+            base = [float(x) / r for x, r in zip(v, ratios)]
+            if all(math.isclose(b, base[0], rel_tol=1e-9, abs_tol=0.0) for b in base):
+                continue
+            raise DeepSpeedConfigError(f"{where} = {list(v)} is not proportional to the groups' LoRA+ lr "
+                                       f"ratios {ratios}: it would change loraplus_lr_ratio")
+        raise DeepSpeedConfigError(
+            f"{where} = {v!r} sets one LR on every parameter group and would undo loraplus_lr_ratio "
+            f"(groups at ratios {ratios}); give one value per group (lora_dist.update_rules."
+            f"per_group_scheduler writes them) or use WarmupCosineLR")
+
+
+def per_group_scheduler(ds_config: dict, groups: list) -> dict:
+    """A copy of `ds_config` whose absolute scheduler LRs are per-group lists: value × group lr_ratio
+    (a scalar value, or DeepSpeed's default when the key is absent and the default is a number)."""
+    import copy
+
+    out = copy.deepcopy(ds_config)
+    kind, values = _scheduler_lr_values(out)
+    ratios = [float(g.get("lr_ratio", 1.0)) for g in groups]
+    for key, v in values:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out["scheduler"].setdefault("params", {})[key] = [float(v) * r for r in ratios]
+    check_scheduler(out, groups)
+    return out

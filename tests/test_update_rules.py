@@ -112,3 +112,196 @@ def test_lora_pro_step_checks_moments_and_step():
         ur.lora_pro_step(gA, gB, A, B, 2.0, None, None, 2)
     with pytest.raises(ld.ConfigError, match="from 1"):
         ur.lora_pro_adjust(gA, gB, A, B, 2.0, 0)
+
+
+# ---- LoRA-FA in backward against PEFT's create_lorafa_optimizer -----------------------------------
+R, ALPHA, LR = 4, 8.0, 1e-2
+
+
+def lm_batches(n=5, bsz=2, seq=12, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 128, (bsz, seq), generator=g) for _ in range(n)]
+
+
+def ours_lora_fa(clip=None):
+    from conftest import tiny_llama
+    model = tiny_llama(0)
+    ld.inject_adapters(model, ld.AdapterConfig(kind="lora_fa", update_rule="lora_fa", r=R, alpha=ALPHA,
+                                               target_modules=["q_proj", "v_proj"], seed=5))
+    ur.attach_update_rule(model)
+    return model
+
+
+def peft_lora(A_of):
+    from peft import LoraConfig, get_peft_model
+    from conftest import tiny_llama
+    model = get_peft_model(tiny_llama(0), LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0,
+                                                     target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, m in model.named_modules():
+            if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {}):
+                key = n.split("base_model.model.", 1)[1]
+                m.lora_A["default"].weight.copy_(A_of[key])
+                m.lora_B["default"].weight.zero_()
+    return model
+
+
+def B_of_peft(model):
+    return {n.split("base_model.model.", 1)[1].replace(".lora_B.default.weight", ""): p.detach().clone()
+            for n, p in model.named_parameters() if "lora_B" in n}
+
+
+def train_both(monkeypatch, clip_order=None, max_norm=None):
+    """5 steps: ours (hook + torch AdamW, ε=1e-30) and PEFT's LoRA-FA optimizer (ε=1e-30, no bf16).
+    With `clip_order`, ours clips with update_rules.clip_grad_norm_(order) and PEFT, as the HF
+    Trainer does, clips the raw gradients with torch before its step projects them."""
+    import peft.optimizers.lorafa as lorafa
+    from peft.optimizers import create_lorafa_optimizer
+    from lora_dist.adapters import adapter_modules
+
+    monkeypatch.setattr(lorafa, "is_bf16_available", lambda: False)
+    ours = ours_lora_fa()
+    A_of = {n: m.lora_A.detach().clone() for n, m in adapter_modules(ours)}
+    theirs = peft_lora(A_of)
+    opt_o = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=LR, eps=1e-30,
+                              weight_decay=0.0)
+    opt_t = create_lorafa_optimizer(theirs, r=R, lora_alpha=ALPHA, lr=LR)
+    for g in opt_t.param_groups:
+        g["eps"] = 1e-30
+    norms = []
+    for ids in lm_batches():
+        for model, opt in ((ours, opt_o), (theirs, opt_t)):
+            model(input_ids=ids, labels=ids).loss.backward()
+            if clip_order and model is ours:
+                norms.append(ur.clip_grad_norm_(ours, max_norm, order=clip_order))
+            elif clip_order:
+                norms.append(float(torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm)))
+            opt.step()
+            opt.zero_grad()
+    return {n: m.lora_B.detach() for n, m in adapter_modules(ours)}, B_of_peft(theirs), norms
+
+
+def max_rel(a, b):
+    return max(float((a[k] - b[k]).norm() / b[k].norm()) for k in b)
+
+
+def test_lora_fa_follows_peft_lorafa_optimizer(monkeypatch):
+    ours, theirs, _ = train_both(monkeypatch)
+    assert set(ours) == set(theirs) and len(ours) == 4
+    assert all(v.norm() > 0 for v in theirs.values())
+    assert max_rel(ours, theirs) < 1e-4
+
+
+def test_lora_fa_raw_clip_order_follows_peft_clip_then_project(monkeypatch):
+    ours, theirs, norms = train_both(monkeypatch, clip_order="raw", max_norm=0.05)
+    raw_ours, raw_theirs = norms[0::2], norms[1::2]
+    assert all(n > 0.05 for n in raw_theirs)  # the clip acted at every step
+    assert raw_ours == pytest.approx(raw_theirs, rel=1e-4)  # the raw norm, recovered from g̃_B
+    assert max_rel(ours, theirs) < 1e-4
+
+
+def test_lora_fa_projected_clip_order_differs_from_peft(monkeypatch):
+    """The default ("projected", what DeepSpeed's gradient_clipping does) clips by the norm of the
+    projected gradient, which differs from the raw one (here s⁻²·(AAᵀ)⁻¹ ≈ 0.75·I shrinks it; with
+    LoRA-DA's A it grows ~256x), so it clips by a different factor and leaves PEFT's path."""
+    ours, theirs, norms = train_both(monkeypatch, clip_order="projected", max_norm=0.05)
+    proj, raw = norms[0::2], norms[1::2]
+    assert all(abs(p / r - 1) > 0.1 for p, r in zip(proj, raw)) and min(proj) > 0.05
+    assert max_rel(ours, theirs) > 1e-2
+
+
+def test_attach_refuses_uninitialized_and_replaces_itself():
+    from conftest import tiny_llama
+    model = tiny_llama(0)
+    ld.inject_adapters(model, ld.AdapterConfig(kind="lora_fa", update_rule="lora_fa", init="pissa", r=2,
+                                               target_modules=["q_proj"]))
+    with pytest.raises(ld.ConfigError, match="initialize_adapters"):
+        ur.attach_update_rule(model)
+    model = ours_lora_fa()
+    ur.attach_update_rule(model)  # a second attach replaces the first: one projection, not two
+    hooks = [h for m in model.modules() if hasattr(m, "lora_B") for h in m.lora_B._backward_hooks.values()]
+    assert len(hooks) == 4
+    with pytest.raises(ld.ConfigError, match="order='l2'"):
+        ur.clip_grad_norm_(model, 1.0, order="l2")
+
+
+# ---- LoRA+ groups and schedulers --------------------------------------------------------------------
+def _tiny_with(kind, **kw):
+    from conftest import tiny_llama
+    model = tiny_llama(0)
+    ld.inject_adapters(model, ld.AdapterConfig(kind=kind, r=2, target_modules=["q_proj", "v_proj"], **kw))
+    return model
+
+
+@pytest.mark.parametrize("kind,b_side", [
+    ("lora", {"lora_B"}), ("lora_fa", {"lora_B"}), ("dora", {"lora_B", "lora_magnitude"}),
+    ("tied_lora", {"lora_B", "tied_u", "tied_v"})])
+def test_loraplus_groups_follow_peft_split(kind, b_side):
+    model = _tiny_with(kind, loraplus_lr_ratio=16)
+    groups = ur.param_groups(model, model.lora_dist_config, 1e-3, weight_decay=0.1)
+    by = {g["name"]: g for g in groups}
+    leaf = {id(p): n.rsplit(".", 1)[-1] for n, p in model.named_parameters()}
+    assert {leaf[id(p)] for p in by["lora_B"]["params"]} == b_side
+    assert by["lora_B"]["lr"] == pytest.approx(16e-3) and by["lora_B"]["lr_ratio"] == 16
+    if kind == "lora_fa":
+        assert "lora_A" not in by  # A is frozen: no empty group
+    else:
+        assert by["lora_A"]["lr"] == 1e-3 and {leaf[id(p)] for p in by["lora_A"]["params"]} == {"lora_A"}
+    n_train = sum(p.requires_grad for p in model.parameters())
+    assert sum(len(g["params"]) for g in groups) == n_train
+    assert all(g["weight_decay"] == 0.1 for g in groups)
+    plain = _tiny_with(kind)
+    (one,) = ur.param_groups(plain, plain.lora_dist_config, 1e-3)
+    assert one["lr"] == 1e-3 and len(one["params"]) == n_train
+
+
+GROUPS = [{"lr_ratio": 1.0}, {"lr_ratio": 16.0}]
+
+
+@pytest.mark.parametrize("sched,key", [
+    ({"type": "WarmupLR", "params": {"warmup_max_lr": 1e-3}}, "warmup_max_lr"),
+    ({"type": "WarmupDecayLR", "params": {"total_num_steps": 10}}, "warmup_max_lr"),  # default 0.001
+    ({"type": "WarmupLR", "params": {"warmup_min_lr": 1e-5}}, "warmup_min_lr"),
+    ({"type": "OneCycle", "params": {"cycle_min_lr": 1e-4, "cycle_max_lr": [1e-3, 1e-2]}}, "cycle_min_lr"),
+    ({"type": "WarmupLR", "params": {"warmup_max_lr": [1e-3, 1e-3]}}, "not proportional"),
+    ({"type": "WarmupLR", "params": {"warmup_max_lr": [1e-3]}}, "1 values for 2"),
+])
+def test_flattening_scheduler_is_refused_with_a_ratio(sched, key):
+    from lora_dist.errors import DeepSpeedConfigError
+    with pytest.raises(DeepSpeedConfigError, match=key):
+        ur.check_scheduler({"scheduler": sched}, GROUPS)
+    ur.check_scheduler({"scheduler": sched}, [{"lr_ratio": 1.0}])  # no ratio: nothing to undo
+
+
+@pytest.mark.parametrize("sched", [
+    {"type": "WarmupCosineLR", "params": {"total_num_steps": 10}},
+    {"type": "WarmupLR", "params": {"warmup_min_lr": 0}},  # max absent: the groups' own lr
+    {"type": "WarmupDecayLR", "params": {"warmup_max_lr": [1e-3, 1.6e-2], "warmup_min_lr": 0}},
+])
+def test_schedulers_that_keep_the_ratio_pass(sched):
+    ur.check_scheduler({"scheduler": sched}, GROUPS)
+    ur.check_scheduler({}, GROUPS)
+
+
+def test_per_group_scheduler_writes_proportional_lists():
+    cfg = {"scheduler": {"type": "WarmupDecayLR", "params": {"warmup_max_lr": 2e-3, "warmup_min_lr": 1e-5,
+                                                             "total_num_steps": 9}}}
+    out = ur.per_group_scheduler(cfg, GROUPS)
+    assert out["scheduler"]["params"]["warmup_max_lr"] == [2e-3, 3.2e-2]
+    assert out["scheduler"]["params"]["warmup_min_lr"] == [1e-5, 1.6e-4]
+    assert cfg["scheduler"]["params"]["warmup_max_lr"] == 2e-3  # the input is left alone
+    dflt = ur.per_group_scheduler({"scheduler": {"type": "WarmupDecayLR", "params": {}}}, GROUPS)
+    assert dflt["scheduler"]["params"]["warmup_max_lr"] == [0.001, 0.016]
+
+
+def test_update_rule_saved_with_the_adapter(tmp_path):
+    """The rule travels with the adapter's own config: a resume reads it back unchanged."""
+    from lora_dist.export import read_adapter_config
+    model = _tiny_with("lora", update_rule="lora_pro", update_options={"moments": "none", "eps": 1e-7})
+    ld.save_adapter(model, str(tmp_path / "a"))
+    back = ld.AdapterConfig.from_dict(read_adapter_config(str(tmp_path / "a"))["config"])
+    assert back == model.lora_dist_config and back.update_option("eps") == 1e-7
+    from conftest import tiny_llama
+    fresh = tiny_llama(0)
+    ld.load_adapter(fresh, str(tmp_path / "a"))
+    assert fresh.lora_dist_config.update_rule == "lora_pro"
