@@ -25,7 +25,10 @@ def _output_head_names(model: nn.Module) -> set:
     if hasattr(model, "get_output_embeddings"):
         try:
             head = model.get_output_embeddings()
-        except Exception:
+        except NotImplementedError:
+            # transformers' convention for "this model has no output embeddings": its own
+            # get_output_embeddings returns None then, but a model may override it and raise
+            # NotImplementedError (as get_input_embeddings does); then the name check below decides.
             head = None
     for n, m in model.named_modules():
         if head is not None and m is head:

@@ -32,11 +32,8 @@ def full_numel(p: torch.Tensor) -> int:
 
 def unwrap_engine(model_or_engine):
     """(module, engine-or-None). Accepts a DeepSpeedEngine or a plain nn.Module."""
-    try:
-        from deepspeed import DeepSpeedEngine
-    except Exception:  # deepspeed not importable: plain torch use
-        DeepSpeedEngine = ()
-    if DeepSpeedEngine and isinstance(model_or_engine, DeepSpeedEngine):
+    from deepspeed import DeepSpeedEngine  # a hard dependency: a broken install must show, not pass
+    if isinstance(model_or_engine, DeepSpeedEngine):
         return model_or_engine.module, model_or_engine
     return model_or_engine, None
 
@@ -95,13 +92,15 @@ def write_params(values: dict, src_rank: int = 0) -> None:
 
 
 def _master_device(p):
+    """Device of `p`'s fp32 master partition (CPU under optimizer offload), else of its data.
+
+    No exception is caught: `_get_fp32_opt_state_partition` fails (KeyError) only for a trainable
+    parameter the optimizer does not hold, and `safe_set_full_fp32_param` would fail on it next.
+    """
     opt = getattr(p, "_z3_optimizer", None)
     if opt is not None:
-        try:
-            part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False)
-            return part.device
-        except Exception:
-            pass
+        part, _ = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False)
+        return part.device
     return p.device if not is_partitioned(p) else p.ds_tensor.device
 
 

@@ -52,3 +52,36 @@ def test_meta_device_injection():
     names = ld.inject_adapters(m, ld.AdapterConfig(kind="lora_fa", target_modules="all-linear"))
     q = m.get_submodule(names[0])
     assert q.lora_A.is_meta and q.lora_A.shape == (8, 64)
+
+
+class _Head(torch.nn.Module):
+    """A model with a head named `out` (not one of the usual head names) and a given
+    get_output_embeddings behaviour."""
+
+    def __init__(self, raise_exc=None):
+        super().__init__()
+        self.body = torch.nn.Linear(8, 8)
+        self.out = torch.nn.Linear(8, 16)
+        self.lm_head = torch.nn.Linear(8, 16)
+        self.raise_exc = raise_exc
+
+    def get_output_embeddings(self):
+        if self.raise_exc is not None:
+            raise self.raise_exc
+        return self.out
+
+
+def test_all_linear_output_head_from_get_output_embeddings():
+    names = ld.inject_adapters(_Head(), ld.AdapterConfig(r=2, target_modules="all-linear"))
+    assert names == ["body"]  # `out` is the declared head, `lm_head` is one by name
+
+
+def test_output_head_not_implemented_falls_back_to_names_only():
+    # NotImplementedError is transformers' "no output embeddings": only names decide
+    names = ld.inject_adapters(_Head(NotImplementedError()), ld.AdapterConfig(r=2, target_modules="all-linear"))
+    assert names == ["body", "out"]
+
+
+def test_output_head_other_errors_propagate():
+    with pytest.raises(AttributeError, match="broken model"):
+        ld.inject_adapters(_Head(AttributeError("broken model")), ld.AdapterConfig(r=2, target_modules="all-linear"))

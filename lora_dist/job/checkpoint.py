@@ -4,9 +4,11 @@ Layout under `<output_dir>/checkpoints/`:
     step<N>/            DeepSpeed's per-rank model/optimizer shards (frozen parameters excluded),
     step<N>/adapter/    a PEFT adapter export of that step (+ our exact state, used to resume inits
                         that rewrote W, since the frozen base is not in the DeepSpeed shards),
-    step<N>/rng_rank<r>.pt   each rank's RNG states,
+    step<N>/rng_rank<r>.pt   each rank's RNG states: torch CPU, every visible CUDA device's (when
+                        CUDA is available), numpy's global generator, Python's `random`,
     latest              the tag of the newest complete checkpoint, written last and atomically.
-A run killed at any point, mid-save included, leaves `latest` naming a complete checkpoint.
+A run killed at any point, mid-save included, leaves `latest` naming a complete checkpoint, and a
+resume draws the same random numbers (dropout masks, shuffles) as the uninterrupted run would.
 """
 from __future__ import annotations
 
@@ -14,18 +16,14 @@ import os
 import random
 from typing import Optional
 
+import numpy as np
 import torch
-import torch.distributed as dist
 
+from ..comm import Comm
+from ..errors import DistributedError
 from ..export import save_adapter
-from ..zero import rank, world_size
 
 LATEST = "latest"
-
-
-def _barrier():
-    if world_size() > 1:
-        dist.barrier()
 
 
 def latest_tag(ckpt_dir: str) -> Optional[str]:
@@ -37,36 +35,69 @@ def latest_tag(ckpt_dir: str) -> Optional[str]:
     return tag or None
 
 
+def rng_state() -> dict:
+    """This process's RNG states, as tensors and Python numbers only (loadable with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
+    if torch.cuda.is_available():  # a few bytes per device (seed + offset)
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, where: str) -> None:
+    """Restore `rng_state()`'s states. A checkpoint with CUDA states needs the same number of
+    visible devices (else dropout would silently draw different masks); one without restores the
+    CPU generators only."""
+    if "cuda" in state:
+        have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if have != len(state["cuda"]):
+            raise DistributedError(f"{where} holds CUDA RNG states of {len(state['cuda'])} devices, this "
+                                   f"process sees {have}: resume with the same devices per process")
+        torch.cuda.set_rng_state_all(state["cuda"])
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+
+
+def _write_latest(ckpt_dir: str, tag: str) -> None:
+    tmp = os.path.join(ckpt_dir, f".{LATEST}.tmp")
+    with open(tmp, "w") as f:
+        f.write(tag)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(ckpt_dir, LATEST))
+
+
 def save(engine, ckpt_dir: str, step: int, client_state: dict, with_adapter: bool) -> str:
     """Save a checkpoint of `engine` at `step` (collective); returns the tag."""
+    comm = Comm()
     tag = f"step{step}"
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False,
                            exclude_frozen_parameters=with_adapter)
     if with_adapter:
         save_adapter(engine, os.path.join(ckpt_dir, tag, "adapter"))
-    torch.save({"torch": torch.get_rng_state(), "python": random.getstate()},
-               os.path.join(ckpt_dir, tag, f"rng_rank{rank()}.pt"))
-    _barrier()
-    if rank() == 0:  # only now is the checkpoint complete: point `latest` at it, atomically
-        tmp = os.path.join(ckpt_dir, f".{LATEST}.tmp")
-        with open(tmp, "w") as f:
-            f.write(tag)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(ckpt_dir, LATEST))
-    _barrier()
+    torch.save(rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{comm.rank}.pt"))
+    comm.barrier()
+    if comm.rank == 0:  # only now is the checkpoint complete: point `latest` at it, atomically
+        _write_latest(ckpt_dir, tag)
+    comm.barrier()
     return tag
 
 
 def load(engine, ckpt_dir: str, tag: str) -> dict:
-    """Restore engine state, RNG states and return the client state (collective)."""
+    """Restore engine state and this rank's RNG states; returns the client state (collective)."""
+    comm = Comm()
     path, client = engine.load_checkpoint(ckpt_dir, tag=tag, load_module_strict=False,
                                           load_optimizer_states=True, load_lr_scheduler_states=True)
+    rng = os.path.join(ckpt_dir, tag, f"rng_rank{comm.rank}.pt")
+    missing = None
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag!r} from {ckpt_dir!r}")
-    rng = os.path.join(ckpt_dir, tag, f"rng_rank{rank()}.pt")
-    if os.path.isfile(rng):
-        state = torch.load(rng, weights_only=True)
-        torch.set_rng_state(state["torch"])
-        random.setstate(state["python"])
+        missing = f"DeepSpeed could not load checkpoint {tag!r} from {ckpt_dir!r}"
+    elif not os.path.isfile(rng):
+        missing = f"checkpoint {tag!r} in {ckpt_dir!r} has no {os.path.basename(rng)} (saved with fewer ranks?)"
+    comm.raise_if_any(missing, DistributedError)
+    set_rng_state(torch.load(rng, weights_only=True), rng)
     return client or {}
