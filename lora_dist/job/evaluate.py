@@ -11,26 +11,25 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 
 from .data import IGNORE_INDEX, batches, exact_match
-from ..zero import rank, world_size
-
-
-def _sum(values):
-    t = torch.tensor(values, dtype=torch.float64)
-    if world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
+from ..comm import Comm
 
 
 @torch.no_grad()
 def eval_loss(module, dataset, pad_id: int, micro_batch_size: int, device) -> dict:
+    """Token-weighted mean NLL over every response token of `dataset` (collective):
+
+        eval_loss = Σ_rows Σ_{t: label_{t+1} ≠ ignore} −log p(x_{t+1} | x_≤t) / #(such tokens),
+        eval_ppl = exp(eval_loss)   (exponent capped at 50),
+
+    the same whatever the world size or micro-batch size (sums, not means, are reduced)."""
     was = module.training
     module.eval()
+    comm = Comm()
     n = len(dataset)
-    mine = list(range(rank(), n, world_size()))
-    steps = math.ceil(math.ceil(n / world_size()) / micro_batch_size)
+    mine = list(range(comm.rank, n, comm.world))
+    steps = math.ceil(math.ceil(n / comm.world) / micro_batch_size)
     total, count = 0.0, 0.0
     it = batches(dataset, mine, micro_batch_size, pad_id) if mine else iter(())
     for _ in range(steps):  # every rank runs the same number of forwards (ZeRO-3 gathers are collective)
@@ -46,7 +45,7 @@ def eval_loss(module, dataset, pad_id: int, micro_batch_size: int, device) -> di
         if not dummy:
             total += ce.item()
             count += float((labels != IGNORE_INDEX).sum())
-    total, count = _sum([total, count])
+    total, count = comm.sum_scalars([total, count])
     module.train(was)
     loss = total / max(count, 1.0)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), "eval_tokens": int(count)}
@@ -54,13 +53,16 @@ def eval_loss(module, dataset, pad_id: int, micro_batch_size: int, device) -> di
 
 @torch.no_grad()
 def eval_exact_match(module, tokenizer, prompts, references, device, max_new_tokens: int = 48) -> dict:
-    """Greedy generation on this rank's share of prompts; exact match on the final number."""
+    """Greedy generation on this rank's share of prompts; exact match on the final number:
+    exact_match = #{i: final number of completion_i == final number of references[i]} / #prompts
+    (collective)."""
     was = module.training
     module.eval()
+    comm = Comm()
     n = len(prompts)
-    mine = list(range(rank(), n, world_size()))
-    steps = math.ceil(n / world_size())
-    synced = world_size() > 1
+    mine = list(range(comm.rank, n, comm.world))
+    steps = math.ceil(n / comm.world)
+    synced = comm.on
     hits, seen, example = 0.0, 0.0, None
     for k in range(steps):
         i = mine[k] if k < len(mine) else None
@@ -76,6 +78,6 @@ def eval_exact_match(module, tokenizer, prompts, references, device, max_new_tok
         seen += 1
         if example is None:
             example = completion
-    hits, seen = _sum([hits, seen])
+    hits, seen = comm.sum_scalars([hits, seen])
     module.train(was)
     return {"exact_match": hits / max(seen, 1.0), "generated": int(seen), "example": example}
