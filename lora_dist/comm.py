@@ -20,6 +20,11 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _ring_allreduce_bytes(nbytes: int, world: int) -> int:
+    """Bytes each rank sends in a ring all-reduce: reduce-scatter then all-gather, (w−1)/w each."""
+    return 2 * (world - 1) * nbytes // world
+
+
 class Comm:
     """The collectives of the default process group; `on` is False at world size 1, and every
     method then returns its input (a sum over one rank, a broadcast from oneself)."""
@@ -43,7 +48,7 @@ class Comm:
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         if self.on:
             dist.all_reduce(t)
-            self.sent += 2 * _nbytes(t)
+            self.sent += _ring_allreduce_bytes(_nbytes(t), self.world)
         return t.tolist()
 
     def sum(self, value: float) -> float:
@@ -87,7 +92,7 @@ class Comm:
     def reduce_to(self, t: torch.Tensor, dst: int) -> Optional[torch.Tensor]:
         """Sum `t` over ranks onto `dst`; returns the sum on dst, None elsewhere (t is then garbage)."""
         nb = _nbytes(t)
-        self.allreduce_equivalent += 2 * (self.world - 1) * nb // self.world
+        self.allreduce_equivalent += _ring_allreduce_bytes(nb, self.world)
         if not self.on:
             return t
         dist.reduce(t, dst=dst)
