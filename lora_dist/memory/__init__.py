@@ -5,6 +5,7 @@
 * states: per-rank model states under ZeRO-2/3 with and without CPU offload, LoRA-aware.
 * plan: per-GPU peak, largest micro-batch that fits and host RAM for offload.
 * measure: a real CPU step measured against the meta-device prediction (and a CUDA path).
+* init_cost: the data-aware init's memory, passes, wire bytes and time (docs/init_cost.md).
 
 `python -m lora_dist.memory --help` accounts one configuration; see docs/memory.md.
 """
@@ -17,6 +18,7 @@ from .states import (Cluster, ModelStates, ParamStats, ZeroConfig, deepspeed_est
                      param_stats)
 from .measure import (Comparison, compare_cpu, compare_cpu_many, measure_cpu_step, measure_cpu_steps,
                       run_cpu_step, run_cuda_step, measure_cuda_step)
+from .init_cost import InitCost, InitSpec, Rates, init_cost
 from .cli import main
 
 __all__ = [
@@ -26,5 +28,5 @@ __all__ = [
     "meta_shims", "simulate_step", "ActivationProfile", "MemoryPlan", "activation_profile",
     "count_params", "plan_memory", "Cluster", "ModelStates", "ParamStats", "ZeroConfig",
     "deepspeed_estimate", "model_states", "param_stats", "Comparison", "compare_cpu",
-    "compare_cpu_many", "measure_cpu_step", "measure_cpu_steps", "run_cpu_step", "run_cuda_step", "measure_cuda_step", "main",
+    "compare_cpu_many", "measure_cpu_step", "measure_cpu_steps", "run_cpu_step", "run_cuda_step", "measure_cuda_step", "InitCost", "InitSpec", "Rates", "init_cost", "main",
 ]

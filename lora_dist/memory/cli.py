@@ -21,6 +21,7 @@ from typing import Optional, Sequence
 from ..config import ConfigError
 from .activations import ALL_PROJ, CATEGORIES, MODES, MemoryConfigError, TrainSpec, list_presets, load_preset
 from .budget import DEFAULT_RESERVE_GIB, plan_memory
+from .init_cost import InitSpec, init_cost
 from .states import Cluster, GiB, ZeroConfig
 
 
@@ -62,6 +63,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduce-bucket-size", type=int, default=500_000_000)
     p.add_argument("--full-depth", action="store_true", help="run every layer instead of extrapolating")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    g = p.add_argument_group("data-aware init (docs/init_cost.md)")
+    g.add_argument("--init", default=None, help="account this init too (e.g. lora_da): adds an 'init' object")
+    g.add_argument("--init-samples", type=int, default=256, help="calibration samples (default 256)")
+    g.add_argument("--init-seq-len", type=int, default=None, help="calibration length (default --seq-len)")
+    g.add_argument("--init-micro-batch", type=int, default=1, help="calibration micro-batch per GPU (default 1)")
+    g.add_argument("--init-stats-dtype", default=None, help="statistics dtype (default: the method's)")
+    g.add_argument("--init-hook-dtype", default=None,
+                   help="GEMM rate of the hook products: float64, float32, tf32 or bfloat16 (default: stats dtype)")
+    g.add_argument("--init-budget-gib", type=float, default=None,
+                   help="init memory budget per GPU (default: what the training step leaves free)")
+    g.add_argument("--epoch-samples", type=int, default=100_000, help="training samples per epoch (default 100000)")
     return p
 
 
@@ -93,6 +105,31 @@ def _configure(args, parser):
     return config, spec, cluster, zero
 
 
+def _init(args, config, plan):
+    """The init's InitCost for --init, or None."""
+    if not args.init:
+        return None
+    spec = InitSpec(method=args.init, samples=args.init_samples, seq_len=args.init_seq_len or args.seq_len,
+                    micro_batch=args.init_micro_batch, r=args.r, stats_dtype=args.init_stats_dtype,
+                    hook_dtype=args.init_hook_dtype, compute_dtype=args.dtype)
+    budget = None if args.init_budget_gib is None else int(args.init_budget_gib * GiB)
+    return init_cost(plan, config, spec, epoch_samples=args.epoch_samples, budget=budget)
+
+
+def _print_init(ic) -> None:
+    s = ic.summary
+    print(f"init {s['method']}: {s['samples']} samples x {s['seq_len']} tokens, statistics in {s['stats_dtype']}, "
+          f"hook GEMMs at the {s['hook_dtype']} rate")
+    print(f"    budget {_gib(s['budget_bytes']).strip()}, peak {_gib(s['peak_bytes']).strip()} on top of the "
+          f"states ({'fits' if s['fits'] else 'OUT OF MEMORY'}), {s['passes']} pass(es)")
+    print(f"    statistics {_gib(s['stats_bytes_total']).strip()} in all, "
+          f"{_gib(s['stats_bytes_max_rank']).strip()} max per rank; "
+          f"wire {_gib(s['wire_bytes_per_rank']).strip()} sent per rank")
+    parts = ", ".join(f"{k} {v:.0f} s" for k, v in s["seconds_parts"].items())
+    print(f"    {s['seconds']:.0f} s ({parts}) = {100 * s['fraction_of_epoch']:.2f}% of an epoch of "
+          f"{s['epoch_samples']} samples ({s['epoch_seconds']:.0f} s)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -101,12 +138,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         plan = plan_memory(config, spec, cluster, zero, reserve_gib=args.reserve_gib, max_batch=args.max_batch,
                            full_depth=args.full_depth)
+        ic = _init(args, config, plan)
     except (MemoryConfigError, ConfigError) as e:  # ConfigError: the adapter injection (e.g. r too large)
         parser.error(str(e))
     dt = time.time() - t0
     s = plan.summary()
     s["preset"] = args.preset
     s["seconds"] = round(dt, 2)
+    if ic is not None:
+        s["init"] = ic.to_dict()
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
@@ -142,6 +182,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{_gib(plan.host_per_node).strip()} per node{extra}")
     else:
         print("host RAM for offload: none (no offload)")
+    if ic is not None:
+        _print_init(ic)
     print(f"[activations: {prof.method}, {dt:.1f} s]")
     return 0
 

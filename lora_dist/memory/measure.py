@@ -273,6 +273,42 @@ class CudaStepResult:
         return self.max_allocated - self.baseline
 
 
+def _zero_offload_step(config, spec: TrainSpec, ids, labels):
+    """(model, step) of DeepSpeed ZeRO-3 with optimizer and parameter offload to CPU, the model built
+    under `deepspeed.zero.Init` as HfDeepSpeedConfig does (world size 1; a single-process group is
+    created if none exists)."""
+    import deepspeed
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        deepspeed.init_distributed()
+    ds_config = {
+        "train_micro_batch_size_per_gpu": spec.batch_size,
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": spec.dtype in ("bfloat16", "bf16")},
+        "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
+                              "offload_param": {"device": "cpu", "pin_memory": True}},
+        # torch AdamW on the CPU partitions: DeepSpeedCPUAdam would JIT-compile an extension,
+        # and with only adapter parameters training the optimizer step is not what is measured.
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10 ** 9,
+    }
+    model = build_model(config, spec, None, construct_ctx=deepspeed.zero.Init(config_dict_or_path=ds_config))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+
+    def step():
+        loss = engine(input_ids=ids, labels=labels).loss
+        engine.backward(loss)
+        engine.step()
+    return model, step
+
+
 def run_cuda_step(config, spec: TrainSpec, zero_offload: bool = False, steps: int = 3,
                   seed: int = 0) -> CudaStepResult:
     """Measure peak GPU memory and throughput of training steps on one GPU, in this process.
@@ -296,35 +332,7 @@ def run_cuda_step(config, spec: TrainSpec, zero_offload: bool = False, steps: in
     ids, labels = make_batch(spec, config.vocab_size, "cpu", seed)
     ids, labels = ids.to(dev), labels.to(dev)
     if zero_offload:
-        import deepspeed
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29517")
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("LOCAL_RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-            deepspeed.init_distributed()
-        ds_config = {
-            "train_micro_batch_size_per_gpu": spec.batch_size,
-            "gradient_accumulation_steps": 1,
-            "bf16": {"enabled": spec.dtype in ("bfloat16", "bf16")},
-            "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu", "pin_memory": True},
-                                  "offload_param": {"device": "cpu", "pin_memory": True}},
-            # torch AdamW on the CPU partitions: DeepSpeedCPUAdam would JIT-compile an extension,
-            # and with only adapter parameters training the optimizer step is not what is measured.
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
-            "zero_force_ds_cpu_optimizer": False,
-            "steps_per_print": 10 ** 9,
-        }
-        model = build_model(config, spec, None, construct_ctx=deepspeed.zero.Init(config_dict_or_path=ds_config))
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
-
-        def step():
-            loss = engine(input_ids=ids, labels=labels).loss
-            engine.backward(loss)
-            engine.step()
+        model, step = _zero_offload_step(config, spec, ids, labels)
     else:
         model = build_model(config, spec, dev)
         trainable = [p for p in model.parameters() if p.requires_grad]
