@@ -1,12 +1,10 @@
 """2-rank ZeRO-3 (real deepspeed launcher, gloo): inject into zero.Init, train, merge, save, PEFT parity."""
-import os
-
+import peft  # a declared test dependency: a missing one fails the module, never skips it
 import pytest
 import torch
 
 from launch_utils import read_report, run_ranks
 
-peft = pytest.importorskip("peft")
 KINDS = ["lora", "lora_fa", "dora", "vera", "tied_lora"]
 
 
