@@ -15,12 +15,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from ..errors import ConfigError
+
 
 @dataclass
 class Unit:
     name: str            # the first module of the group
     modules: List[str]   # adapted modules reading the same input
     cost: float
+
+
+def build_units(mods: Dict, input_owner: Dict[str, str], cost) -> List[Unit]:
+    """One unit per input group, in model order; its cost is the sum of `cost(d_out, d_in)` over
+    its modules (`mods`: name -> module with in_features/out_features)."""
+    units: Dict[str, Unit] = {}
+    for n, m in mods.items():
+        src = input_owner[n]
+        u = units.setdefault(src, Unit(name=src, modules=[], cost=0.0))
+        u.modules.append(n)
+        u.cost += cost(m.out_features, m.in_features)
+    return list(units.values())
 
 
 @dataclass
@@ -34,7 +48,7 @@ class OwnerPlan:
     @classmethod
     def build(cls, units: List[Unit], world: int) -> "OwnerPlan":
         if world < 1:
-            raise ValueError(f"world size must be >= 1, got {world}")
+            raise ConfigError(f"OwnerPlan: world size must be >= 1, got {world}")
         plan = cls(world=world, units=list(units))
         plan.load = [0.0] * world
         plan.by_rank = {r: [] for r in range(world)}

@@ -11,11 +11,16 @@ A forward-only method (input moments only) runs under no_grad and accumulates in
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, Optional
 
 import torch
+import torch.nn as nn
 
+from ..errors import ConfigError
 from .methods.base import INPUT_MOMENT, OUTPUT_GRAD_DIAG, OUTPUT_GRAD_FULL, WEIGHT_GRADIENT
+
+BATCH_FIELDS = ("input_ids", "attention_mask", "labels")
 
 
 class StepContext:
@@ -147,3 +152,169 @@ def per_sample_losses(logits: torch.Tensor, labels: torch.Tensor):
     ce = ce.view(shift_labels.shape) * valid
     n = valid.sum(1)
     return ce.sum(1) / n.clamp(min=1), n
+
+
+# -- statistic semantics: which positions, which weights, which normalizers -----------------------
+def check_batches(batches: list, needs_labels: bool) -> list:
+    """The batches, validated: dicts with input_ids and attention_mask (and labels when a gradient
+    statistic is needed), of one shape."""
+    if not batches:
+        raise ConfigError("initialize_adapters: no calibration batches on this rank; every rank needs its "
+                          "shard of the calibration samples (e.g. from a DistributedSampler)")
+    fields = BATCH_FIELDS if needs_labels else BATCH_FIELDS[:2]
+    for i, b in enumerate(batches):
+        if not isinstance(b, dict):
+            raise ConfigError(f"calibration batch {i} is a {type(b).__name__}; expected a dict with {list(fields)}")
+        for f in fields:
+            if f not in b:
+                raise ConfigError(f"calibration batch {i} lacks field {f!r} (has {sorted(b)}); "
+                                  f"batches need {list(fields)}")
+        shapes = [tuple(b[f].shape) for f in BATCH_FIELDS if f in b]
+        if len(set(shapes)) != 1:
+            raise ConfigError(f"calibration batch {i}: input_ids {tuple(b['input_ids'].shape)}, attention_mask "
+                              f"{tuple(b['attention_mask'].shape)} and labels must have one shape")
+    return batches
+
+
+def split_batch(b: dict, k: int) -> list:
+    """Sub-batches of at most k rows, each cut after its last attended column."""
+    out = []
+    n = b["input_ids"].shape[0]
+    for s in range(0, n, k):
+        sub = {key: (v[s:s + k] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == n else v)
+               for key, v in b.items()}
+        cols = sub["attention_mask"].bool().any(0).nonzero()
+        width = int(cols.max()) + 1 if len(cols) else 1
+        out.append({key: (v[:, :width] if torch.is_tensor(v) and v.dim() == 2 else v) for key, v in sub.items()})
+    return out
+
+
+def sample_token_counts(labels: torch.Tensor):
+    """(valid, n_i): which next-token labels carry loss (label t+1 ≠ −100), and their count per sample."""
+    valid = labels[:, 1:] != -100
+    return valid, valid.sum(1)
+
+
+def position_mask(b: dict, opts: Dict) -> torch.Tensor:
+    """Positions the input/output-gradient factors run over: attention-mask positions, or the
+    loss-bearing ones (input position t predicts label t+1)."""
+    if opts["factor_positions"] == "loss":
+        if "labels" not in b:
+            raise ConfigError("init_options.factor_positions='loss' needs labels in the calibration batches")
+        valid, _ = sample_token_counts(b["labels"])
+        return torch.nn.functional.pad(valid, (0, 1), value=False) & b["attention_mask"].bool()
+    return b["attention_mask"].bool()
+
+
+def local_counts(batches: List[dict], opts: Dict) -> List[float]:
+    """This rank's [samples, loss tokens, factor positions]. A sample counts when it has a loss token;
+    label-less batches (forward-only statistics) count every sample with an attended position."""
+    local = [0.0, 0.0, 0.0]
+    for b in batches:
+        pos = position_mask(b, opts)
+        if "labels" in b:
+            _, n_i = sample_token_counts(b["labels"])
+            local[0] += float((n_i > 0).sum())
+            local[1] += float(n_i.sum())
+        else:
+            local[0] += float(b["attention_mask"].bool().any(1).sum())
+        local[2] += float(pos.sum())
+    return local
+
+
+def step_context(b: dict, opts: Dict, n_samples: float, n_tok: float, dummy: bool) -> StepContext:
+    """Masks and weights of one micro-batch: w_i = 1/N_c ("sample_mean", samples with a loss token)
+    or n_i/N_tok ("token_mean"); a dummy step (this rank ran out of batches) gets all zeros."""
+    mask = position_mask(b, opts)
+    if "labels" in b:
+        _, n_i = sample_token_counts(b["labels"])
+        if opts["gradient_weighting"] == "token_mean":
+            w = n_i.double() / max(n_tok, 1)
+        else:
+            w = (n_i > 0).double() / max(n_samples, 1)
+    else:
+        w = torch.zeros(mask.shape[0], dtype=torch.float64)
+    if dummy:
+        mask = torch.zeros_like(mask)
+        w = torch.zeros_like(w)
+    return StepContext(mask, w[:, None].expand(mask.shape).to(torch.float64))
+
+
+def normalized(name: str, totals: Dict, input_owner: Dict[str, str], stats: frozenset, n_pos: float) -> dict:
+    """A module's statistics as the methods see them (base.py): moments divided by the position count."""
+    out = {}
+    if name not in totals and not (INPUT_MOMENT in stats and input_owner[name] in totals):
+        return out
+    t = totals.get(name, {})
+    if INPUT_MOMENT in stats:
+        src = totals[input_owner[name]]
+        out[INPUT_MOMENT] = {"second": src["second"] / n_pos, "mean": src["sum"] / n_pos, "count": n_pos}
+    if WEIGHT_GRADIENT in stats:
+        out[WEIGHT_GRADIENT] = t["g"]  # already weighted by w_i (global normalizers)
+    if OUTPUT_GRAD_DIAG in stats:
+        out[OUTPUT_GRAD_DIAG] = t["G_diag"] / n_pos
+    if OUTPUT_GRAD_FULL in stats:
+        out[OUTPUT_GRAD_FULL] = t["G_full"] / n_pos
+    return out
+
+
+# -- the model in calibration ---------------------------------------------------------------------
+@contextlib.contextmanager
+def calibration_mode(module: nn.Module, mods: Dict, backward: bool):
+    """Train mode (so gradient checkpointing applies) with every dropout off, nothing trainable,
+    adapters bypassed, inputs requiring grad; everything restored on exit."""
+    modes = {m: m.training for m in module.modules()}
+    grads = {p: p.requires_grad for p in module.parameters()}
+    handles = []
+    try:
+        module.train()
+        for m in module.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()
+        for p in grads:
+            p.requires_grad_(False)
+        for m in mods.values():
+            m.calibrating = True
+        if backward:
+            emb = module.get_input_embeddings() if hasattr(module, "get_input_embeddings") else None
+            if emb is None:
+                emb = next((m for m in module.modules() if isinstance(m, nn.Embedding)), None)
+            if emb is None:
+                raise ConfigError("initialize_adapters: cannot find the input embedding to start backward from")
+            handles.append(emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m in mods.values():
+            m.calibrating = False
+        for p, g in grads.items():
+            p.requires_grad_(g)
+        for m, t in modes.items():
+            m.training = t
+
+
+def input_groups(module: nn.Module, mods: Dict, batch: dict) -> Dict[str, str]:
+    """module -> the first module (model order) that reads the very same input tensor (one forward)."""
+    seen, keep, handles = {}, [], []
+
+    def hook(name):
+        def f(mod, inputs, out):
+            x = inputs[0]
+            keep.append(x)  # hold it: no address reuse while probing
+            seen.setdefault(name, (x.data_ptr(), tuple(x.shape), x.stride(), x.storage_offset()))
+        return f
+
+    for n, m in mods.items():
+        handles.append(m.register_forward_hook(hook(n)))
+    try:
+        with torch.no_grad():
+            module(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        for h in handles:
+            h.remove()
+    first, owner = {}, {}
+    for n in mods:
+        key = seen.get(n)
+        owner[n] = first.setdefault(key, n) if key is not None else n
+    return owner

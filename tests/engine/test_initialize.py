@@ -94,6 +94,7 @@ def test_full_output_gradient_factor_matches_reference():
     smp = samples(3)
     ref = reference_statistics(smp)
     _, rep = engine_statistics(smp, micro=2, init_options={"fisher": "full"})
+    assert set(rep.statistics) == set(ref)
     for n, st in rep.statistics.items():
         _close(st[OUTPUT_GRAD_FULL], ref[n]["Gf"])
 
@@ -124,6 +125,7 @@ def test_result_is_invariant_to_batching_groups_and_checkpointing(variant):
     smp = samples(16, base_len=14)
     base_model, base = engine_statistics(smp, micro=3)
     model, rep = engine_statistics(smp, **variant)
+    assert set(rep.statistics) == set(base.statistics) and len(rep.statistics) == 14
     for n, st in rep.statistics.items():
         _close(st[WEIGHT_GRADIENT], base.statistics[n][WEIGHT_GRADIENT], 1e-10)
         _close(st[OUTPUT_GRAD_DIAG], base.statistics[n][OUTPUT_GRAD_DIAG], 1e-10)
@@ -186,3 +188,25 @@ def test_bad_batches_and_options_are_named():
         ld.initialize_adapters(model, cfg, batches=make_batches(samples(2), 2), progress=False)
     with pytest.raises(ld.ConfigError, match="no calibration batches"):
         ld.initialize_adapters(model, batches=[], progress=False)
+
+
+def test_eva_needs_no_labels():
+    """EVA reads input moments only: label-less batches give the same init as labelled ones."""
+    def run(drop_labels, opts=None):
+        model = tiny_llama().double()
+        ld.inject_adapters(model, ld.AdapterConfig(kind="lora", init="eva", r=4, target_modules=TARGETS,
+                                                   init_options=opts or {}))
+        bs = make_batches(samples(6), 4)
+        if drop_labels:
+            for b in bs:
+                del b["labels"]
+        rep = ld.initialize_adapters(model, batches=bs, progress=False)
+        return _adapters(model), rep
+
+    with_labels, rep_a = run(False)
+    without, rep_b = run(True)
+    assert with_labels and rep_a.n_positions == rep_b.n_positions > 0 and rep_b.n_samples == 6
+    for n in with_labels:
+        assert torch.equal(with_labels[n][0], without[n][0]) and torch.equal(with_labels[n][1], without[n][1])
+    with pytest.raises(ld.ConfigError, match="factor_positions='loss' needs labels"):
+        run(True, {"factor_positions": "loss"})

@@ -6,6 +6,7 @@ the init, and that stock PEFT reproduces the logits of the saved adapter (≤ 1e
 import importlib.util
 import os
 
+import peft  # a declared test dependency: a missing one fails, never skips
 import pytest
 import torch
 
@@ -13,8 +14,6 @@ import lora_dist as ld
 from launch_utils import WORKERS, read_report, run_ranks, run_two_nodes
 from lora_dist.adapters import adapter_modules
 from lora_dist.engine.methods import METHODS
-
-peft = pytest.importorskip("peft")
 
 _spec = importlib.util.spec_from_file_location("methods_zero3", os.path.join(WORKERS, "methods_zero3.py"))
 W = importlib.util.module_from_spec(_spec)

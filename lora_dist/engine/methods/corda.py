@@ -5,6 +5,7 @@ import math
 
 import torch
 
+from ...errors import DataError
 from .base import INPUT_MOMENT, WEIGHT, LayerProblem, LayerSolution, Method, fix_signs, option_error
 
 
@@ -16,7 +17,7 @@ def damped_inverse(C: torch.Tensor, damping: float, tol: float = 0.05, max_doubl
     eye = torch.eye(n, dtype=C.dtype, device=C.device)
     base = float(torch.diagonal(C).mean())
     if not base > 0:
-        raise ValueError("CorDA: the input covariance is zero (no signal reached this layer)")
+        raise DataError("CorDA: the input covariance is zero (no signal reached this layer)")
     lam = float(damping)
     for _ in range(max_doublings):
         Cl = C + (lam * base) * eye

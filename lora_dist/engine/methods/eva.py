@@ -1,12 +1,10 @@
 """EVA, Explained Variance Adaptation (Paischer et al. 2024; PEFT `init_lora_weights="eva"`)."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .base import INPUT_MOMENT, LayerProblem, LayerSolution, Method, fix_signs, option_error
-from ...config import ConfigError
+from ...errors import ConfigError, DataError
 
 
 class EVA(Method):
@@ -29,22 +27,26 @@ class EVA(Method):
 
     Rank redistribution (the paper's ρ: r·ρ candidate components per layer, the total budget Σr handed to
     the components with the largest explained-variance ratio across all layers) changes each layer's rank,
-    so it needs a cross-layer step and a re-injection that the engine does not have yet. `rho` is accepted
-    and validated (≥ 1, default 2 as the reference); `redistribute=True` is refused with a ConfigError.
+    so it needs a cross-layer step and a re-injection that the engine does not have yet: `redistribute=True`
+    and `rho` (which only matters for redistribution) are refused with a ConfigError.
     Cost per layer: O(d_in³) (one symmetric eigendecomposition per input group).
     """
 
     name = "eva"
     needs = frozenset({INPUT_MOMENT})
-    options = {"whiten": False, "rho": 2.0, "redistribute": False}
+    options = {"whiten": False, "redistribute": False}
     reference = "Paischer et al. 2024, EVA; PEFT init_lora_weights='eva'"
+
+    def resolve_options(self, given):
+        if "rho" in given:  # before the generic unknown-option message: say why it is refused
+            raise ConfigError(f"init_options.rho={given['rho']!r} for init 'eva': rho only sizes the candidate "
+                              "components of rank redistribution across layers, which is not supported yet "
+                              "(every layer keeps rank r), so it would do nothing. Remove init_options.rho.")
+        return super().resolve_options(given)
 
     def check_options(self, o):
         if not isinstance(o["whiten"], bool):
             raise option_error(self.name, "whiten", o["whiten"], "True or False")
-        rho = o["rho"]
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 1:
-            raise option_error(self.name, "rho", rho, "a number >= 1 (r·rho candidate components per layer)")
         if not isinstance(o["redistribute"], bool):
             raise option_error(self.name, "redistribute", o["redistribute"], "True or False")
         if o["redistribute"]:
@@ -72,7 +74,7 @@ class EVA(Method):
                 "explained_variance_ratio": float(lam.sum() / torch.diagonal(cov).sum().clamp(min=1e-300))}
         if p.options["whiten"]:
             if not bool((lam > 0).all()):
-                raise ValueError(f"EVA whitening: the input covariance has {int((lam <= 0).sum())} non-positive "
+                raise DataError(f"EVA whitening: the input covariance has {int((lam <= 0).sum())} non-positive "
                                  "eigenvalue(s) among the top r; use more calibration tokens or whiten=False")
             A = A / torch.sqrt(lam)[:, None]
         B = torch.zeros(p.d_out, p.r, dtype=A.dtype)

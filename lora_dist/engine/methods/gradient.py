@@ -14,40 +14,16 @@ right vector flips with it).
 from __future__ import annotations
 
 import math
-from typing import Optional
-
 import torch
 
-from .base import WEIGHT_GRADIENT, LayerProblem, LayerSolution, Method, fix_signs, option_error
-from ...config import ConfigError
-
-
-def _check_niter(method: str, n) -> None:
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-        raise option_error(method, "niter", n, "None (full SVD) or a non-negative integer (randomized SVD)")
+from .base import (WEIGHT_GRADIENT, LayerProblem, LayerSolution, Method, check_niter, option_error,
+                   singular_triplets)
+from ...errors import ConfigError, DataError
 
 
 def _check_positive(method: str, key: str, v) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
         raise option_error(method, key, v, "a positive number")
-
-
-def top_singular(M: torch.Tensor, k: int, niter: Optional[int], q: int, p: LayerProblem):
-    """(U_k, S_k, V_k) of M (M ≈ U diag(S) Vᵀ), largest first, signs fixed.
-
-    niter None: full SVD. Otherwise torch.svd_lowrank(M, q=min(q, min(M.shape)), niter) with the global
-    RNG temporarily seeded from p.generator("svd") (the seed contract: same on every rank)."""
-    if niter is None:
-        U, S, Vh = torch.linalg.svd(M, full_matrices=False)
-        U, S, V = U[:, :k], S[:k], Vh[:k].T
-    else:
-        q = min(max(q, k), min(M.shape))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(p.generator("svd").initial_seed())
-            U, S, V = torch.svd_lowrank(M, q=q, niter=int(niter))
-        U, S, V = U[:, :k], S[:k], V[:, :k]
-    U, V = fix_signs(U, V)
-    return U, S, V
 
 
 def _singular_workspace(d_out, d_in, r, opts, itemsize) -> int:
@@ -98,7 +74,7 @@ class LoRAGA(Method):
             raise option_error(self.name, "direction", o["direction"], f"one of {list(self.DIRECTIONS)}")
         if o["scale"] not in self.SCALES:
             raise option_error(self.name, "scale", o["scale"], f"one of {list(self.SCALES)}")
-        _check_niter(self.name, o["niter"])
+        check_niter(self.name, o["niter"])
 
     def workspace_bytes(self, d_out, d_in, r, opts, itemsize):
         return _singular_workspace(d_out, d_in, r, opts, itemsize)
@@ -108,7 +84,7 @@ class LoRAGA(Method):
         if 2 * r > min(p.d_out, p.d_in):
             raise ConfigError(f"init 'lora_ga' needs 2r = {2 * r} <= min(d_out, d_in) = {min(p.d_out, p.d_in)} "
                               f"for module {p.name!r}")
-        U, S, V = top_singular(_gradient(p), 2 * r, o["niter"], 4 * r, p)
+        U, S, V = singular_triplets(_gradient(p), 2 * r, p, niter=o["niter"], q=4 * r)
         d = o["direction"]
         if d == "ArB2r":
             ia, ib = torch.arange(0, r), torch.arange(r, 2 * r)
@@ -148,16 +124,16 @@ class LoRAOne(Method):
 
     def check_options(self, o):
         _check_positive(self.name, "gamma", o["gamma"])
-        _check_niter(self.name, o["niter"])
+        check_niter(self.name, o["niter"])
 
     def workspace_bytes(self, d_out, d_in, r, opts, itemsize):
         return _singular_workspace(d_out, d_in, r, opts, itemsize)
 
     def solve(self, p: LayerProblem) -> LayerSolution:
-        U, S, V = top_singular(-_gradient(p), p.r, p.options["niter"], 4 * p.r, p)
+        U, S, V = singular_triplets(-_gradient(p), p.r, p, niter=p.options["niter"], q=4 * p.r)
         sigma1 = float(S[0])
         if not sigma1 > 0:
-            raise ValueError("the calibration gradient of this layer is zero; LoRA-One needs a nonzero gradient")
+            raise DataError("the calibration gradient of this layer is zero; LoRA-One needs a nonzero gradient")
         c = 1.0 / math.sqrt(sigma1 * float(p.options["gamma"]))
         root = torch.sqrt(S)
         return LayerSolution(A=(root[:, None] * V.T * c).contiguous(), B=(U * root * c).contiguous(),
@@ -187,7 +163,7 @@ class LoRASB(Method):
     def check_options(self, o):
         if o["eta"] is not None:
             _check_positive(self.name, "eta", o["eta"])
-        _check_niter(self.name, o["niter"])
+        check_niter(self.name, o["niter"])
 
     def cost(self, d_out, d_in, r, opts=None):
         return float(d_out * d_in * r * 12)
@@ -201,6 +177,6 @@ class LoRASB(Method):
             raise ConfigError("init 'lora_sb' needs init_options.eta (the first warm-up step's learning rate) "
                               "or the training job's lr passed to initialize_adapters(lr=...)")
         dW = -float(eta) * torch.sign(_gradient(p))
-        U, S, V = top_singular(dW, p.r, p.options["niter"], p.r, p)
+        U, S, V = singular_triplets(dW, p.r, p, niter=p.options["niter"], q=p.r)
         R = torch.diag(S / p.scaling)
         return LayerSolution(A=V.T.contiguous(), B=U.contiguous(), R=R, info={"eta": float(eta)})
