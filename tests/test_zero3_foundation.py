@@ -23,6 +23,7 @@ def test_zero3_two_ranks_every_kind(tmp_path, tiny_llama_dir):
         assert r["losses"][-1] < r["losses"][0], (kind, r["losses"])
         assert r["frozen_max_change"] == 0.0, kind
         assert r["merge_changed_weight"] > 0 and r["merge_logit_diff"] <= 1e-5, kind
+        assert r["refusals"] == [True, True] and r["refused_dir"] == ["metrics.jsonl"], kind
         exp = torch.load(str(out / kind / "expected.pt"))
         base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
         pm = peft.PeftModel.from_pretrained(base, str(out / kind)).eval()

@@ -80,6 +80,23 @@ for kind in args.kinds.split(","):
     with torch.no_grad():
         logits = engine(input_ids=ev["input_ids"]).logits.float()
     save_dir = os.path.join(args.out, kind)
+    # a directory holding a foreign file: refused on every rank (rank 0 decides) before any gather,
+    # so the ranks stay in step and the save below works
+    refused = os.path.join(args.out, f"{kind}_used")
+    if rank == 0:
+        os.makedirs(refused)
+        with open(os.path.join(refused, "metrics.jsonl"), "w") as f:
+            f.write("{}\n")
+    dist.barrier()
+    try:
+        ld.save_adapter(engine, refused)
+        err = None
+    except ld.ConfigError as e:
+        err = str(e)
+    errors = [None] * world
+    dist.all_gather_object(errors, err)
+    res["refusals"] = [m is not None and "'metrics.jsonl'" in m for m in errors]
+    res["refused_dir"] = sorted(os.listdir(refused))
     ld.save_adapter(engine, save_dir)
     w_before = read_full([q.weight])[0]
     ld.merge_adapters(engine)
