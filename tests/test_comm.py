@@ -24,6 +24,8 @@ def test_world_one_without_process_group():
     assert c.all_gather_object(obj) == [obj] and c.broadcast_object(obj, src=0) is obj
     t = torch.arange(5.0)
     assert c.broadcast(t, src=0) is t and c.reduce_to(t, dst=0) is t
+    got = c.broadcast_tensors({"w": torch.ones(2, 3, dtype=torch.float64)}, {"w": (2, 3)}, torch.float32, "cpu", 0)
+    assert list(got) == ["w"] and got["w"].dtype == torch.float32 and torch.equal(got["w"], torch.ones(2, 3))
     c.raise_if_any(None)
     c.raise_if_any("")
     with pytest.raises(DistributedError, match="^boom$"):
@@ -54,7 +56,7 @@ EXPECTED = [
      "reduce_to": [[0.0, 3.0, 6.0, 9.0], [0, 0, 32]], "gather_full": [True, [0, 0, 0]],
      "scatter_moved": [0, 0, 0], "shard": [float(i) for i in range(SHARD, 35)] + [0.0],
      "gather_plain": [None, [0, 0, 0]], "scatter_plain_moved": [24, 0, 0],
-     "totals": [16 + 8 + 8 + 12 + 24, 0, 32]},
+     "totals": [16 + 8 + 8 + 12 + 28 + 24, 0, 32]},
 ]
 
 
@@ -68,6 +70,7 @@ def test_collectives_on_two_ranks(tmp_path):
         assert got["sum"] == 0.5 + 1.5 and got["mean"] == 0.5 and got["max_int"] == 8
         assert got["all_gather_object"] == [{"r": 0}, {"r": 1}]
         assert got["broadcast"] == exp["broadcast"] and got["broadcast_object"] == {"from": 1}
+        assert got["broadcast_tensors"] == [{"a": [[0.0, 1.0], [2.0, 3.0]], "b": [7.0] * 3}, [28 * r, 0, 0]]
         assert got["raise_if_any"] == "bad on 1" and got["raise_from_rank0"] == "rank 0 says no"
         assert got["reduce_to"] == exp["reduce_to"]
         assert got["partitioned"] == [True, [0], SHARD]

@@ -39,6 +39,9 @@ res["all_gather_object"] = comm.all_gather_object({"r": rank})
 t = torch.full((3,), float(rank))
 res["broadcast"] = delta(lambda: comm.broadcast(t, src=1).tolist())
 res["broadcast_object"] = comm.broadcast_object({"from": rank}, src=1)
+held = {"a": torch.arange(4, dtype=torch.float64).view(2, 2), "b": torch.full((3,), 7.0)} if rank == 1 else None
+res["broadcast_tensors"] = delta(lambda: {k: v.tolist() for k, v in comm.broadcast_tensors(
+    held, {"a": (2, 2), "b": (3,)}, torch.float32, "cpu", src=1).items()})
 comm.barrier()
 
 try:
