@@ -99,20 +99,21 @@ def lora_pro_adjust(g_A: torch.Tensor, g_B: torch.Tensor, A: torch.Tensor, B: to
 
 def lora_pro_step(g_A: torch.Tensor, g_B: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float,
                   M: Optional[torch.Tensor], V: Optional[torch.Tensor], t: int,
-                  betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8, delta: float = 1e-8):
+                  betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-8, delta: float = 1e-8,
+                  moments_dtype: Optional[torch.dtype] = None):
     """LoRA-Pro's full rule for one layer at step t (1-based); the inner step is A −= lr·g_A′,
     B −= lr·g_B′ (plain SGD).
 
     1. (g̅_A, g̅_B) = Adjust(g_A, g_B) without the Sylvester term; G̃ = s·B·g̅_A + s·g̅_B·A.
     2. Full-size Adam moments: M = (1−β₁)G̃, V = (1−β₂)G̃² at t = 1 (M = V = None given);
-       later M ← M + (1−β₁)(G̃ − M), V ← β₂V + (1−β₂)G̃².
+       later M ← M + (1−β₁)(G̃ − M), V ← β₂V + (1−β₂)G̃² (in place).
        Ĝ = (M/(1−β₁ᵗ)) / (√V/√(1−β₂ᵗ) + ε).
     3. ĝ_A = s·Bᵀ·Ĝ, ĝ_B = s·Ĝ·Aᵀ.
     4. (g_A′, g_B′) = Adjust(ĝ_A, ĝ_B) with the Sylvester term (`lora_pro_adjust`).
 
-    M and V keep their dtype (the moments' storage dtype; g_A's at t = 1); the arithmetic runs in
-    float64.
-    Returns (g_A′, g_B′, M, V).
+    The d_out×d_in work runs in float64 for float64 inputs, else float32 (three full-size
+    temporaries at most); r-sized work in float64. New moments take `moments_dtype` (default: that
+    compute dtype). Returns (g_A′, g_B′, M, V).
     """
     _check_step(t)
     if (M is None) != (t == 1) or (V is None) != (t == 1):
@@ -120,21 +121,24 @@ def lora_pro_step(g_A: torch.Tensor, g_B: torch.Tensor, A: torch.Tensor, B: torc
                           f"M {'None' if M is None else 'given'}, V {'None' if V is None else 'given'})")
     b1, b2 = betas
     s = scaling
+    cd = torch.float64 if g_A.dtype == torch.float64 else torch.float32
     gA, gB = _adjust(g_A, g_B, A, B, s, delta, sylvester=False)
-    Bd, Ad = B.double(), A.double()
-    G = s * (Bd @ gA) + s * (gB @ Ad)
+    Bc, Ac = B.to(cd), A.to(cd)
+    G = torch.addmm(s * (Bc @ gA.to(cd)), gB.to(cd), Ac, alpha=s)
     if M is None:
-        M64, V64 = (1 - b1) * G, (1 - b2) * G * G
-        mdtype = g_A.dtype
+        md = moments_dtype or cd
+        M, V = (G * (1 - b1)).to(md), (G * G * (1 - b2)).to(md)
     else:
-        M64 = M.double() + (1 - b1) * (G - M.double())
-        V64 = b2 * V.double() + (1 - b2) * G * G
-        mdtype = M.dtype
+        Gm = G.to(M.dtype)
+        M.lerp_(Gm, 1 - b1)
+        V.mul_(b2).addcmul_(Gm, Gm, value=1 - b2)
     del G
-    Gh = (M64 / (1 - b1 ** t)) / (V64.sqrt() / math.sqrt(1 - b2 ** t) + eps)
-    hA, hB = s * (Bd.T @ Gh), s * (Gh @ Ad.T)
+    Gh = V.to(cd).sqrt().div_(math.sqrt(1 - b2 ** t)).add_(eps)  # a new tensor: V stays
+    Gh = torch.div(M.to(cd), Gh, out=Gh).div_(1 - b1 ** t)
+    hA, hB = s * (Bc.T @ Gh), s * (Gh @ Ac.T)
+    del Gh
     out_A, out_B = _adjust(hA, hB, A, B, s, delta, sylvester=True)
-    return out_A.to(g_A.dtype), out_B.to(g_B.dtype), M64.to(mdtype), V64.to(mdtype)
+    return out_A.to(g_A.dtype), out_B.to(g_B.dtype), M, V
 
 
 # --------------------------------------------------------------------------------------------------
@@ -348,3 +352,163 @@ def per_group_scheduler(ds_config: dict, groups: list) -> dict:
             out["scheduler"].setdefault("params", {})[key] = [float(v) * r for r in ratios]
     check_scheduler(out, groups)
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA-Pro between backward and step
+# --------------------------------------------------------------------------------------------------
+
+
+def _full_value(p: torch.Tensor) -> torch.Tensor:
+    """The full value of a trainable parameter: the optimizer's fp32 master where one exists
+    (collective under ZeRO), else the tensor itself (gathered under ZeRO-3)."""
+    from .zero import has_master_copy, read_full
+
+    if has_master_copy(p):
+        from deepspeed.utils import safe_get_full_fp32_param
+        return safe_get_full_fp32_param(p)
+    return read_full([p])[0].to(p.device)
+
+
+class LoRAPro:
+    """LoRA-Pro on a plain model or a DeepSpeed engine (ZeRO-0..3), between backward and step.
+
+    moments="full" (the paper's full rule, `lora_pro_step`): each layer's full-size M, V (d_out×d_in,
+    `moments_dtype`) live on one owner rank only, from an LPT plan over d_out·d_in (the init
+    engine's OwnerPlan), so they cost total/N per rank. Per layer, every rank reads the reduced full
+    g_A, g_B and full A, B (collective), the owner runs the rule, broadcasts the r-sized results, and
+    every rank writes them as the gradients; the inner optimizer must be plain SGD
+    (`inner_optimizer`). moments="none" (the light variant, `lora_pro_adjust` on the raw reduced
+    gradients): every rank computes the same r-sized result; the inner optimizer is left as it is.
+
+    Call `adjust_gradients()` on every rank after the backward that completes an accumulation
+    (engine.is_gradient_accumulation_boundary()) and before the optimizer step.
+    Clipping: `max_grad_norm` clips the raw reduced gradients (global norm over every adapted
+    layer, read in a first pass) before the rule, as a clip before Adam would; DeepSpeed's own
+    `gradient_clipping` would act on the adjusted gradients and is refused (`check_ds_config`).
+    `state_dict()`/`load_state_dict()` carry t and this rank's moments (sharded as held).
+    """
+
+    def __init__(self, model_or_engine, config=None, max_grad_norm: Optional[float] = None):
+        from .adapters import adapter_modules
+        from .engine.plan import OwnerPlan, Unit
+        from .zero import unwrap_engine, world_size
+
+        module, _ = unwrap_engine(model_or_engine)
+        config = config or getattr(module, "lora_dist_config", None)
+        if config is None or config.update_rule != "lora_pro":
+            raise ConfigError("LoRAPro: the adapter config's update_rule must be 'lora_pro', got "
+                              f"{getattr(config, 'update_rule', None)!r}")
+        self.config = config
+        self.layers = adapter_modules(module)
+        self.full = config.update_option("moments") == "full"
+        self.moments_dtype = getattr(torch, config.update_option("moments_dtype"))
+        self.world = world_size()
+        units = [Unit(n, [n], float(m.out_features * m.in_features)) for n, m in self.layers]
+        self.plan = OwnerPlan.build(units, self.world)
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ConfigError(f"LoRAPro: max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        self.max_grad_norm = max_grad_norm
+        self.last_grad_norm: Optional[float] = None
+        self.t = 0
+        self.M, self.V = {}, {}
+
+    def owner(self, name: str) -> int:
+        return self.plan.owner[name]
+
+    def adjust_gradients(self) -> None:
+        """Rewrite every adapted layer's (g_A, g_B) with LoRA-Pro's (collective)."""
+        from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+        from .zero import rank
+
+        self.t += 1
+        c, me = self.config, rank()
+        opts = dict(delta=float(c.update_option("delta")))
+        coef = self._clip_coef()
+        for name, m in self.layers:
+            gA, gB = safe_get_full_grad(m.lora_A), safe_get_full_grad(m.lora_B)
+            if gA is None or gB is None:
+                raise ConfigError(f"LoRAPro.adjust_gradients: {name} has no gradient; call it after backward")
+            if coef < 1.0:
+                gA, gB = gA * coef, gB * coef
+            A, B = _full_value(m.lora_A), _full_value(m.lora_B)
+            if not self.full:
+                a, b = lora_pro_adjust(gA.double(), gB.double(), A, B, m.scaling, self.t, **opts)
+            else:
+                a, b = self._owned_step(name, m, gA, gB, A, B, me == self.owner(name), opts)
+            safe_set_full_grad(m.lora_A, a.to(gA.dtype).to(gA.device))
+            safe_set_full_grad(m.lora_B, b.to(gB.dtype).to(gB.device))
+
+    def _clip_coef(self) -> float:
+        """min(1, max_grad_norm/(‖g_raw‖+1e-6)) over every adapted layer's raw gradients (a first,
+        read-only pass; collective), as torch.nn.utils.clip_grad_norm_ computes it."""
+        from deepspeed.utils import safe_get_full_grad
+
+        if self.max_grad_norm is None:
+            return 1.0
+        sq = 0.0
+        for _, m in self.layers:
+            for p in (m.lora_A, m.lora_B):
+                sq += float(safe_get_full_grad(p).double().pow(2).sum())
+        self.last_grad_norm = math.sqrt(sq)
+        return min(1.0, self.max_grad_norm / (self.last_grad_norm + 1e-6))
+
+    def _owned_step(self, name, m, gA, gB, A, B, mine: bool, opts):
+        """The full rule on the owner; its r-sized results broadcast to every rank."""
+        buf = torch.empty(gA.numel() + gB.numel(), dtype=torch.float64, device=gA.device)
+        if mine:
+            c = self.config
+            a, b, self.M[name], self.V[name] = lora_pro_step(
+                gA.double(), gB.double(), A, B, m.scaling, self.M.get(name), self.V.get(name), self.t,
+                betas=tuple(c.update_option("betas")), eps=float(c.update_option("eps")),
+                moments_dtype=self.moments_dtype, **opts)
+            buf.copy_(torch.cat([a.reshape(-1), b.reshape(-1)]))
+        if self.world > 1:
+            import torch.distributed as dist
+            dist.broadcast(buf, src=self.owner(name))
+        return buf[: gA.numel()].view_as(gA), buf[gA.numel():].view_as(gB)
+
+    def moment_bytes(self) -> int:
+        """Bytes of the moments this rank holds (after the first step)."""
+        return sum(t.numel() * t.element_size() for d in (self.M, self.V) for t in d.values())
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, "world": self.world, "M": dict(self.M), "V": dict(self.V)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("world") != self.world:
+            raise ConfigError(f"LoRAPro.load_state_dict: the moments were saved sharded over {state.get('world')} "
+                              f"ranks, this run has {self.world}; resume on the same world size")
+        self.t, self.M, self.V = int(state["t"]), dict(state["M"]), dict(state["V"])
+
+
+def inner_optimizer(groups: list) -> torch.optim.Optimizer:
+    """LoRA-Pro's inner step: plain SGD (θ −= lr·g, no momentum) on the given parameter groups."""
+    return torch.optim.SGD(groups, lr=groups[0]["lr"], momentum=0.0)
+
+
+def check_ds_config(ds_config: dict, config, groups: list) -> None:
+    """Refuse a ds_config that cannot carry the rule: LoRA-Pro's full rule with an "optimizer"
+    section (its inner step must be SGD: pass `inner_optimizer(groups)` to deepspeed.initialize,
+    with zero_optimization.stage > 0 needing "zero_allow_untested_optimizer": true), and LoRA+
+    groups under a scheduler that flattens them (`check_scheduler`)."""
+    from .errors import DeepSpeedConfigError
+
+    if config.update_rule == "lora_pro" and config.update_option("moments") == "full":
+        clip = ds_config.get("gradient_clipping", 1.0)  # DeepSpeed's default is 1.0, not off
+        if clip != 0:
+            raise DeepSpeedConfigError(
+                f"gradient_clipping = {clip!r}{' (DeepSpeed default)' if 'gradient_clipping' not in ds_config else ''}: "
+                "under update_rule='lora_pro' it would clip the adjusted, Adam-normalized gradients; set it "
+                "to 0 and pass max_grad_norm to LoRAPro to clip the raw gradients")
+        if ds_config.get("optimizer"):
+            raise DeepSpeedConfigError(
+                f"optimizer (type {ds_config['optimizer'].get('type')!r}): update_rule='lora_pro' writes Adam-"
+                "adjusted gradients for a plain SGD inner step; remove the optimizer section and pass "
+                "lora_dist.update_rules.inner_optimizer(groups) to deepspeed.initialize")
+        stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+        if stage and not ds_config.get("zero_allow_untested_optimizer"):
+            raise DeepSpeedConfigError(
+                f"zero_allow_untested_optimizer: ZeRO stage {stage} takes LoRA-Pro's torch SGD inner step "
+                "only with \"zero_allow_untested_optimizer\": true")
+    check_scheduler(ds_config, groups)

@@ -305,3 +305,123 @@ def test_update_rule_saved_with_the_adapter(tmp_path):
     fresh = tiny_llama(0)
     ld.load_adapter(fresh, str(tmp_path / "a"))
     assert fresh.lora_dist_config.update_rule == "lora_pro"
+
+
+# ---- trajectories: one process, ZeRO-3, two nodes, ZeRO-2; dense float64 references -----------------
+import importlib  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers"))
+W = importlib.import_module("update_rules")  # tests/workers/update_rules.py
+
+
+@pytest.fixture(scope="module")
+def plain_runs(tiny_llama_dir):
+    """Every case as one plain torch process (float32, two micro-batches per step)."""
+    return {c: W.run_case(c, tiny_llama_dir, use_ds=False) for c in W.CASES}
+
+
+def assert_same_trajectory(run, ref, tol=1e-5, what=""):
+    assert run["names"] == ref["names"]
+    assert len(run["traj"]) == len(ref["traj"]) == W.STEPS
+    for step, (xs, ys) in enumerate(zip(run["traj"], ref["traj"])):
+        for n, x, y in zip(ref["names"], xs, ys):
+            err = float((x.double() - y.double()).norm() / max(float(y.double().norm()), 1e-30))
+            assert err < tol, f"{what}: {n} differs by {err:.2e} at step {step + 1}"
+
+
+def assert_moves(ref):
+    first, last = ref["traj"][0], ref["traj"][-1]
+    assert any(float((a - b).norm()) > 0 for a, b in zip(first, last))
+
+
+def assert_loraplus_ratio(run, ratio=4.0):
+    """The effective LR of B is ratio × A's at every step, and the schedule really varies it."""
+    seen = []
+    for step, e in enumerate(run["eff_lr"]):
+        a, b = e["lora_A"], e["lora_B"]
+        if a == 0 and b == 0:  # a schedule that starts at 0 (WarmupCosineLR's first step)
+            continue
+        assert b == pytest.approx(ratio * a, rel=1e-4), f"step {step + 1}: A {a}, B {b}"
+        seen.append(a)
+    assert len(seen) >= 4 and max(seen) > 1.5 * min(seen)
+
+
+def test_loraplus_ratio_in_scheduled_plain_runs(plain_runs):
+    for case in ("plus_cos", "plus_decay"):
+        assert_loraplus_ratio(plain_runs[case])
+
+
+def test_pro_moments_full_size_light_none(plain_runs):
+    # q: 64×64, v: 32×64 (2 KV heads of 16), up: 128×64; two layers; M and V in float32
+    assert plain_runs["pro"]["moment_bytes"] == 2 * 2 * 4 * (64 * 64 + 32 * 64 + 128 * 64)
+    assert plain_runs["pro_light"]["moment_bytes"] == 0
+    for c in W.CASES:
+        assert_moves(plain_runs[c])
+
+
+def _adam(p, g, st, t, lr, b1=0.9, b2=0.999, eps=1e-8):
+    """torch.optim.AdamW's step written from its formula (weight decay 0)."""
+    st["m"] = b1 * st.get("m", 0) + (1 - b1) * g
+    st["v"] = b2 * st.get("v", 0) + (1 - b2) * g * g
+    return p - lr * (st["m"] / (1 - b1 ** t)) / (torch.sqrt(st["v"] / (1 - b2 ** t)) + eps)
+
+
+def dense_reference(case, model_dir):
+    """float64: raw gradients by autograd on a model without any rule, then the note's formulas
+    (ref_pinv_gram / ref_step, written above) and the optimizer step written out."""
+    model, cfg = W.build(case, model_dir, torch.float64)
+    mods = ld.adapter_modules(model)
+    s, lr = cfg.scaling, W.CASES[case][5]
+    state, traj = {}, []
+    for t, ids in enumerate(W.global_batches(), start=1):
+        for mb in ids.split(W.MICRO):
+            (model(input_ids=mb, labels=mb).loss / (W.GLOBAL // W.MICRO)).backward()
+        with torch.no_grad():
+            for n, m in mods:
+                A, B = m.lora_A.detach().clone(), m.lora_B.detach().clone()
+                if case == "fa":
+                    g = s ** -2 * m.lora_B.grad @ ref_pinv_gram(A, True)
+                    m.lora_B.copy_(_adam(B, g, state.setdefault(n, {}), t, lr))
+                else:
+                    st = state.setdefault(n, {"M": None, "V": None})
+                    a, b, st["M"], st["V"] = ref_step(m.lora_A.grad, m.lora_B.grad, A, B, s, st["M"], st["V"], t)
+                    m.lora_A.copy_(A - lr * a)
+                    m.lora_B.copy_(B - lr * b)
+        model.zero_grad(set_to_none=True)
+        traj.append([p.detach().clone() for n, m in mods for k, p in m.adapter_params().items() if p.requires_grad])
+    return traj
+
+
+@pytest.mark.parametrize("case", ["fa", "pro"])
+def test_rule_matches_dense_float64_training_step(case, tiny_llama_dir):
+    run = W.run_case(case, tiny_llama_dir, use_ds=False, dtype=torch.float64)
+    assert_same_trajectory(run, {"names": run["names"], "traj": dense_reference(case, tiny_llama_dir)},
+                           tol=1e-9, what=f"{case} vs dense float64")
+
+
+def _launched(tmp_path, tiny_llama_dir, how, stage):
+    from launch_utils import run_ranks, run_two_nodes
+    out = str(tmp_path / how)
+    args = ["--model", tiny_llama_dir, "--out", out, "--stage", str(stage)]
+    if how == "nodes":
+        run_two_nodes("update_rules.py", args)
+    else:
+        run_ranks("update_rules.py", args, nproc=2)
+    return torch.load(os.path.join(out, "trajectories.pt"), weights_only=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how,stage", [("ranks", 3), ("nodes", 3), ("ranks", 2)])
+def test_every_rule_same_trajectory_distributed(tmp_path, tiny_llama_dir, plain_runs, how, stage):
+    runs = _launched(tmp_path, tiny_llama_dir, how, stage)
+    assert set(runs) == set(W.CASES)
+    for case, run in runs.items():
+        assert_same_trajectory(run, plain_runs[case], what=f"{case} on 2 {how}, ZeRO-{stage}")
+    for case in ("plus_cos", "plus_decay"):
+        assert_loraplus_ratio(runs[case])
+    # LoRA-Pro's moments are spread: both ranks own layers, together exactly the single-process total
+    assert runs["pro"]["owners"] == [0, 1]
+    mb = runs["pro"]["moment_bytes"]
+    assert min(mb) > 0 and sum(mb) == plain_runs["pro"]["moment_bytes"]
