@@ -8,7 +8,7 @@ Typical use in a training script::
     train_ds, report = build_dataset(train_rec, tok, max_seq_len=1024)
     print(report)                                        # truncated / dropped counts
     calib = train_ds.select(calibration_indices(len(train_ds), 256, seed=0))
-    order = shard_indices(len(train_ds), rank, world_size, seed=0, epoch=epoch)
+    order = epoch_order(len(train_ds), rank, world_size, seed=0, epoch=epoch)
     for batch in batches(train_ds, order, micro_batch_size, tok.pad_token_id):
         ...                                              # input_ids / attention_mask / labels
 
@@ -17,6 +17,7 @@ Labels are -100 on prompt tokens and padding, so the loss covers the response (a
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
+
+from ..errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -136,13 +139,13 @@ def _templates_help() -> str:
 def detect_format(columns: Iterable[str]) -> str:
     """Name of the first template whose required fields are all in `columns`.
 
-    Raises ValueError listing the templates, their fields and the columns present if none fits.
+    Raises DataError listing the templates, their fields and the columns present if none fits.
     """
-    cols = set(columns)
+    cols = set(columns) - {ROW_COLUMN}  # our own bookkeeping column is not the user's
     for name in _DETECTION_ORDER:
         if set(TEMPLATES[name].required) <= cols:
             return name
-    raise ValueError(
+    raise DataError(
         f"dataset columns {sorted(cols)} fit no prompt template. Templates: {_templates_help()}. "
         "Rename the columns or pass template= explicitly."
     )
@@ -154,10 +157,10 @@ def get_template(template: str | Template, columns: Iterable[str] | None = None)
         return template
     if template == "auto":
         if columns is None:
-            raise ValueError('template="auto" needs the dataset columns')
+            raise DataError('template="auto" needs the dataset columns')
         return TEMPLATES[detect_format(columns)]
     if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; choose 'auto' or one of: {_templates_help()}")
+        raise DataError(f"unknown template {template!r}; choose 'auto' or one of: {_templates_help()}")
     return TEMPLATES[template]
 
 
@@ -177,48 +180,68 @@ def load_records(path: str | os.PathLike, split: str = "train"):
     """
     import datasets
 
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"dataset path {str(p)!r} does not exist")
+    p = check_data_path(path)
     if p.is_dir():
         if (p / "dataset_info.json").exists() or (p / "dataset_dict.json").exists() or (p / "state.json").exists():
             loaded = datasets.load_from_disk(str(p))
             if isinstance(loaded, datasets.DatasetDict):
                 if split not in loaded:
-                    raise ValueError(f"{p} holds splits {sorted(loaded)}, not {split!r}; pass split=")
+                    raise DataError(f"{p} holds splits {sorted(loaded)}, not {split!r}; pass split=")
                 loaded = loaded[split]
             return loaded
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in _FILE_FORMATS)
         kinds = {_FILE_FORMATS[f.suffix] for f in files}
         if not files:
-            raise ValueError(
+            raise DataError(
                 f"directory {p} holds no saved dataset (dataset_info.json / dataset_dict.json) and no "
                 f"{'/'.join(_FILE_FORMATS)} files"
             )
         if len(kinds) > 1:
-            raise ValueError(f"directory {p} mixes json and parquet files; keep one format per directory")
+            raise DataError(f"directory {p} mixes json and parquet files; keep one format per directory")
         return _load_files(kinds.pop(), files)
     if p.suffix not in _FILE_FORMATS:
-        raise ValueError(
+        raise DataError(
             f"cannot load {p}: unsupported extension {p.suffix!r}; use .json, .jsonl, .parquet or a datasets directory"
         )
     return _load_files(_FILE_FORMATS[p.suffix], [p])
 
 
+def check_data_path(path: str | os.PathLike) -> Path:
+    """Cheap checks before any loading: `path` exists, and a file is readable and not empty (an
+    empty file would otherwise end in a bare StopIteration from inside `datasets`)."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"dataset path {str(p)!r} does not exist")
+    if p.is_file():
+        try:
+            with open(p, "rb") as f:
+                head = f.read(1 << 16)
+        except OSError as e:
+            raise DataError(f"dataset file {p} cannot be read: {e.strerror}") from None
+        if not head.strip():
+            raise DataError(f"dataset file {p} is empty: it holds no rows")
+    return p
+
+
 def _load_files(kind: str, files: list[Path]):
     import datasets
 
+    for f in files:
+        check_data_path(f)
     try:
-        return datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
+        ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
     except Exception:
         if kind == "json":
             for f in files:
                 _raise_on_bad_json(f)
         raise
+    if len(ds) == 0:
+        raise DataError(f"dataset {', '.join(map(str, files))} holds no rows")
+    return ds
 
 
 def _raise_on_bad_json(path: Path) -> None:
-    """Raise ValueError naming the file and line of the first JSON syntax error, if any."""
+    """Raise DataError naming the file and line of the first JSON syntax error, or an empty array."""
     import json
 
     text = path.read_text(encoding="utf-8")
@@ -228,12 +251,14 @@ def _raise_on_bad_json(path: Path) -> None:
                 try:
                     json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{lineno}: invalid JSON line ({exc.msg}): {line[:200]}") from None
+                    raise DataError(f"{path}:{lineno}: invalid JSON line ({exc.msg}): {line[:200]}") from None
     else:
         try:
-            json.loads(text)
+            rows = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON ({exc.msg})") from None
+            raise DataError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON ({exc.msg})") from None
+        if rows == []:
+            raise DataError(f"dataset file {path} holds no rows (an empty JSON array)")
 
 
 def _as_dataset(records):
@@ -257,7 +282,7 @@ def _as_dataset(records):
                     kinds.setdefault(type(v).__name__, i)
             if len(kinds) > 1:
                 seen = ", ".join(f"{kind} in row {i}" for kind, i in kinds.items())
-                raise ValueError(f"field {key!r} mixes value types ({seen}); make them all one type") from exc
+                raise DataError(f"field {key!r} mixes value types ({seen}); make them all one type") from exc
         raise
 
 
@@ -265,15 +290,15 @@ def _as_rows(records) -> list:
     if isinstance(records, Sequence) and not isinstance(records, (str, bytes)):
         for i, row in enumerate(records):
             if not isinstance(row, Mapping):
-                raise TypeError(f"row {i} is a {type(row).__name__}, not a dict")
+                raise DataError(f"row {i} is a {type(row).__name__}, not a dict")
         return list(records)
-    raise TypeError(f"records must be a datasets.Dataset or a list of dicts, not {type(records).__name__}")
+    raise DataError(f"records must be a datasets.Dataset or a list of dicts, not {type(records).__name__}")
 
 
 def validate_records(records, template: str | Template = "auto") -> Template:
     """Check every row has the template's required fields as strings; return the Template.
 
-    `records` is a `datasets.Dataset` or a list of dicts. Raises ValueError naming the field, the
+    `records` is a `datasets.Dataset` or a list of dicts. Raises DataError naming the field, the
     row (its index in the loaded file when the rows came from `train_eval_split`) and the columns
     present.
     """
@@ -290,7 +315,7 @@ def validate_records(records, template: str | Template = "auto") -> Template:
     present = [c for c in column_names if c != ROW_COLUMN]
     for name in tmpl.required:
         if name not in column_names:
-            raise ValueError(
+            raise DataError(
                 f"dataset has no field {name!r}, which template {tmpl.name!r} needs "
                 f"(needs {', '.join(tmpl.required)}); columns present: {', '.join(present)}"
             )
@@ -301,11 +326,11 @@ def validate_records(records, template: str | Template = "auto") -> Template:
                 continue
             row = rows[i] if rows is not None else i
             if value is None:
-                raise ValueError(
+                raise DataError(
                     f"row {row} has no value for field {name!r} (template {tmpl.name!r} needs "
                     f"{', '.join(tmpl.required)}); columns present: {', '.join(present)}"
                 )
-            raise ValueError(f"row {row}: field {name!r} is {type(value).__name__} {value!r}, expected a string")
+            raise DataError(f"row {row}: field {name!r} is {type(value).__name__} {value!r}, expected a string")
     return tmpl
 
 
@@ -319,12 +344,12 @@ def train_eval_split(records, eval_size: int | float, seed: int = 0):
     n = len(ds)
     if isinstance(eval_size, float) and not isinstance(eval_size, bool):
         if not 0.0 <= eval_size < 1.0:
-            raise ValueError(f"eval_size fraction must be in [0, 1), got {eval_size}")
+            raise ConfigError(f"eval_size fraction must be in [0, 1), got {eval_size}")
         n_eval = int(round(n * eval_size))
     else:
         n_eval = int(eval_size)
     if n_eval < 0 or n_eval >= n:
-        raise ValueError(f"eval_size {eval_size} leaves no training rows out of {n}")
+        raise ConfigError(f"eval_size {eval_size} leaves no training rows out of {n}")
     if ROW_COLUMN not in ds.column_names:
         ds = ds.add_column(ROW_COLUMN, list(range(n)))
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
@@ -342,7 +367,7 @@ def ensure_pad_token(tokenizer) -> int:
     """Give `tokenizer` a pad token if it has none (EOS, else UNK) and return the pad id.
 
     Padding positions are masked by attention_mask and labels, so reusing EOS/UNK is safe.
-    Raises ValueError if the tokenizer has no pad, EOS or UNK token.
+    Raises DataError if the tokenizer has no pad, EOS or UNK token.
     """
     if tokenizer.pad_token is not None and tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
@@ -352,11 +377,34 @@ def ensure_pad_token(tokenizer) -> int:
             tokenizer.pad_token = token
             logger.warning("tokenizer has no pad token; using its %s %r (id %d) for padding", attr, token, tokenizer.pad_token_id)
             return tokenizer.pad_token_id
-    raise ValueError(
+    raise DataError(
         f"tokenizer {type(tokenizer).__name__} has no pad, eos or unk token, so batches cannot be padded. "
         "Add one, e.g. tokenizer.add_special_tokens({'pad_token': '<pad>'}) and "
         "model.resize_token_embeddings(len(tokenizer)), then save both."
     )
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
+
+
+def check_model_dir(path: str | os.PathLike, flag: str = "--model") -> Path:
+    """Raise ConfigError naming the directory and what it lacks unless it holds a config.json,
+    weights (one of WEIGHT_FILES) and a tokenizer (one of TOKENIZER_FILES)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"{flag} {str(p)!r} is not a directory")
+    missing = []
+    if not (p / "config.json").is_file():
+        missing.append("config.json")
+    if not any((p / f).is_file() for f in WEIGHT_FILES):
+        missing.append(f"weights ({' / '.join(WEIGHT_FILES)})")
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        missing.append(f"a tokenizer ({' / '.join(TOKENIZER_FILES)})")
+    if missing:
+        raise ConfigError(f"{flag} directory {p} is incomplete: it lacks {', '.join(missing)}")
+    return p
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -364,6 +412,8 @@ def load_tokenizer(path: str | os.PathLike):
     from transformers import AutoTokenizer
 
     p = Path(path)
+    if p.is_dir() and not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"model directory {p} holds no tokenizer ({' / '.join(TOKENIZER_FILES)})")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(p))
     except Exception as exc:
@@ -372,7 +422,7 @@ def load_tokenizer(path: str | os.PathLike):
             try:
                 import google.protobuf  # noqa: F401
             except ImportError:
-                raise RuntimeError(
+                raise ConfigError(
                     f"{p} has a sentencepiece tokenizer.model but no tokenizer.json; transformers needs the "
                     "'protobuf' package to convert it: pip install protobuf (or save a tokenizer.json next to it)"
                 ) from exc
@@ -444,48 +494,16 @@ def build_dataset(
     many processes (worth it for hundreds of thousands of rows).
     """
     if overlength not in ("truncate", "filter"):
-        raise ValueError(f"overlength must be 'truncate' or 'filter', got {overlength!r}")
+        raise ConfigError(f"overlength must be 'truncate' or 'filter', got {overlength!r}")
     if max_seq_len < 2:
-        raise ValueError(f"max_seq_len must be at least 2, got {max_seq_len}")
+        raise ConfigError(f"max_seq_len must be at least 2, got {max_seq_len}")
     tmpl = validate_records(records, template)
     ds = _as_dataset(records)
-    prefix = _special_prefix(tokenizer)
     eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
     if add_eos and not eos:
         logger.warning("tokenizer has no EOS token: examples end without one and generation will not learn to stop")
-
-    def encode(batch: dict) -> dict:
-        rows = [{k: batch[k][i] for k in batch} for i in range(len(next(iter(batch.values()))))]
-        prompts = [tmpl.prompt(r) for r in rows]
-        responses = [tmpl.response(r) for r in rows]
-        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        full_ids = tokenizer([p + r for p, r in zip(prompts, responses)], add_special_tokens=False)["input_ids"]
-        out = {"input_ids": [], "labels": [], "length": [], "full_length": [], "loss_tokens": [], "status": []}
-        for p_ids, f_ids, response in zip(prompt_ids, full_ids, responses):
-            p_ids, f_ids = list(p_ids), list(f_ids)
-            if f_ids[: len(p_ids)] == p_ids:
-                r_ids, status = f_ids[len(p_ids) :], "ok"
-            else:
-                r_ids, status = list(tokenizer(response, add_special_tokens=False)["input_ids"]), "retokenized"
-            ids = prefix + p_ids + r_ids + eos
-            labels = [IGNORE_INDEX] * (len(prefix) + len(p_ids)) + r_ids + eos
-            full_length = len(ids)
-            if full_length > max_seq_len:
-                if overlength == "filter":
-                    status = "overlength"
-                else:
-                    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-                    status = "truncated" if any(t != IGNORE_INDEX for t in labels) else "no_response"
-            elif not any(t != IGNORE_INDEX for t in labels):
-                status = "no_response"
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
-            out["length"].append(len(ids))
-            out["full_length"].append(full_length)
-            out["loss_tokens"].append(sum(1 for t in labels if t != IGNORE_INDEX))
-            out["status"].append(status)
-        return out
-
+    encode = functools.partial(_encode_batch, tmpl=tmpl, tokenizer=tokenizer, prefix=_special_prefix(tokenizer),
+                               eos=eos, max_seq_len=max_seq_len, overlength=overlength)
     keep_cols = [ROW_COLUMN] if ROW_COLUMN in ds.column_names else []
     encoded = ds.map(
         encode,
@@ -495,6 +513,54 @@ def build_dataset(
         remove_columns=[c for c in ds.column_names if c not in keep_cols],
         desc="tokenizing",
     )
+    result, report = _summarize(encoded, tmpl.name, max_seq_len)
+    logger.info("%s", report)
+    return result, report
+
+
+def _encode_one(p_ids, f_ids, response, tokenizer, prefix, eos, max_seq_len, overlength):
+    """One example: (input_ids, labels, full length, status). The response tokens are the tail of
+    prompt+response tokenized together, unless the boundary merged (then re-encoded on its own)."""
+    p_ids, f_ids = list(p_ids), list(f_ids)
+    if f_ids[: len(p_ids)] == p_ids:
+        r_ids, status = f_ids[len(p_ids) :], "ok"
+    else:
+        r_ids, status = list(tokenizer(response, add_special_tokens=False)["input_ids"]), "retokenized"
+    ids = prefix + p_ids + r_ids + eos
+    labels = [IGNORE_INDEX] * (len(prefix) + len(p_ids)) + r_ids + eos
+    full_length = len(ids)
+    if full_length > max_seq_len:
+        if overlength == "filter":
+            status = "overlength"
+        else:
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+            status = "truncated" if any(t != IGNORE_INDEX for t in labels) else "no_response"
+    elif not any(t != IGNORE_INDEX for t in labels):
+        status = "no_response"
+    return ids, labels, full_length, status
+
+
+def _encode_batch(batch: dict, *, tmpl, tokenizer, prefix, eos, max_seq_len, overlength) -> dict:
+    rows = [{k: batch[k][i] for k in batch} for i in range(len(next(iter(batch.values()))))]
+    prompts = [tmpl.prompt(r) for r in rows]
+    responses = [tmpl.response(r) for r in rows]
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    full_ids = tokenizer([p + r for p, r in zip(prompts, responses)], add_special_tokens=False)["input_ids"]
+    out = {"input_ids": [], "labels": [], "length": [], "full_length": [], "loss_tokens": [], "status": []}
+    for p_ids, f_ids, response in zip(prompt_ids, full_ids, responses):
+        ids, labels, full_length, status = _encode_one(p_ids, f_ids, response, tokenizer, prefix, eos,
+                                                       max_seq_len, overlength)
+        out["input_ids"].append(ids)
+        out["labels"].append(labels)
+        out["length"].append(len(ids))
+        out["full_length"].append(full_length)
+        out["loss_tokens"].append(sum(1 for t in labels if t != IGNORE_INDEX))
+        out["status"].append(status)
+    return out
+
+
+def _summarize(encoded, template: str, max_seq_len: int):
+    """Keep the usable examples; count what happened to the others."""
     status = list(encoded["status"])
     full_length = list(encoded["full_length"])
     loss_tokens = list(encoded["loss_tokens"])
@@ -502,8 +568,8 @@ def build_dataset(
     result = encoded.select(keep).remove_columns(["status", "full_length", "loss_tokens"])
     lengths = list(result["length"])
     report = DataReport(
-        template=tmpl.name,
-        rows=len(ds),
+        template=template,
+        rows=len(encoded),
         kept=len(result),
         truncated=status.count("truncated"),
         dropped_overlength=status.count("overlength"),
@@ -514,7 +580,6 @@ def build_dataset(
         loss_tokens=sum(loss_tokens[i] for i in keep),
         retokenized=status.count("retokenized"),
     )
-    logger.info("%s", report)
     return result, report
 
 
@@ -526,9 +591,9 @@ def build_dataset(
 def collate(batch: Sequence[Mapping], pad_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """Right-pad examples into LongTensors `input_ids`, `attention_mask`, `labels` (-100 on padding)."""
     if not batch:
-        raise ValueError("collate got an empty batch")
+        raise DataError("collate got an empty batch")
     if pad_id is None:
-        raise ValueError("collate needs a pad id; call ensure_pad_token(tokenizer) first")
+        raise DataError("collate needs a pad id; call ensure_pad_token(tokenizer) first")
     width = max(len(ex["input_ids"]) for ex in batch)
     if pad_to_multiple_of:
         width = math.ceil(width / pad_to_multiple_of) * pad_to_multiple_of
@@ -539,48 +604,36 @@ def collate(batch: Sequence[Mapping], pad_id: int, pad_to_multiple_of: int | Non
         ids = torch.as_tensor(ex["input_ids"], dtype=torch.long)
         lab = torch.as_tensor(ex["labels"], dtype=torch.long)
         if ids.shape != lab.shape:
-            raise ValueError(f"example {i}: {len(ids)} input_ids but {len(lab)} labels")
+            raise DataError(f"example {i}: {len(ids)} input_ids but {len(lab)} labels")
         input_ids[i, : len(ids)] = ids
         attention_mask[i, : len(ids)] = 1
         labels[i, : len(lab)] = lab
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def shard_indices(n: int, rank: int, world_size: int, seed: int = 0, epoch: int = 0, shuffle: bool = True,
-                  drop_last: bool = False) -> list[int]:
-    """This rank's example indices for one epoch, as torch's DistributedSampler orders them.
+def epoch_order(n: int, rank: int, world_size: int, seed: int = 0, epoch: int = 0) -> list[int]:
+    """This rank's example indices for one epoch: torch's DistributedSampler (shuffled with
+    seed + epoch via set_epoch, padded to a multiple of world_size by repeating the first indices),
+    dealt round-robin, so micro-batch i of rank r holds permutation positions (i*m + j)*world + r.
 
-    The epoch order is `torch.randperm(n)` seeded with seed + epoch (or 0..n-1 without shuffle),
-    made a multiple of `world_size` by repeating its first indices (or by dropping its tail when
-    `drop_last`), then dealt round-robin: rank r takes positions r, r + world_size, ... Every rank
-    gets the same count and no index is on two ranks unless padding repeats it.
+    A global step of B = m x accumulation x world samples therefore covers permutation positions
+    [k*B, (k+1)*B) whatever the world size and micro-batch size.
     """
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    from torch.utils.data import DistributedSampler
+
     if n < 1:
-        raise ValueError("cannot shard an empty dataset")
-    if shuffle:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-    else:
-        order = list(range(n))
-    if drop_last:
-        per_rank = n // world_size
-        if per_rank == 0:
-            raise ValueError(f"drop_last with {n} examples leaves nothing for {world_size} ranks")
-        order = order[: per_rank * world_size]
-    else:
-        total = math.ceil(n / world_size) * world_size
-        while len(order) < total:
-            order += order[: total - len(order)]
-    return order[rank::world_size]
+        raise DataError("cannot order an empty training set")
+    sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)
 
 
 def calibration_indices(n: int, k: int, seed: int = 0) -> list[int]:
     """k distinct indices of range(n) drawn with a seeded generator, sorted; all n if k >= n."""
     if n < 1:
-        raise ValueError("cannot draw calibration samples from an empty dataset")
+        raise DataError("cannot draw calibration samples from an empty dataset")
     if k < 1:
-        raise ValueError(f"need at least one calibration sample, got {k}")
+        raise ConfigError(f"need at least one calibration sample, got {k}")
     if k >= n:
         if k > n:
             logger.warning("asked for %d calibration samples but the training set has %d; using all", k, n)
@@ -597,7 +650,7 @@ def batches(dataset, indices: Sequence[int], batch_size: int, pad_id: int) -> It
     import datasets
 
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise ConfigError(f"batch_size must be positive, got {batch_size}")
     for start in range(0, len(indices), batch_size):
         chunk = [int(i) for i in indices[start : start + batch_size]]
         if isinstance(dataset, datasets.Dataset):

@@ -2,7 +2,7 @@
 
 * `generate_metamath` writes the committed math-word-problem set `assets/metamath_tiny.jsonl`
   (MetaMathQA format: query / response / type, responses end with "The answer is: N").
-* `ensure_preset` / `ensure_tiny_llama` build, once, a directory holding a randomly initialised
+* `ensure_preset` builds, once, a directory holding a randomly initialised
   Llama checkpoint from `presets/<name>.json` (config.json + model.safetensors via save_pretrained)
   and a sentencepiece BPE tokenizer trained on that data set (tokenizer.model, plus tokenizer.json
   so `AutoTokenizer.from_pretrained(dir)` loads it as a fast LlamaTokenizer with pad = <unk>).
@@ -29,7 +29,9 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from ..errors import ConfigError
 from ..presets import list_presets, preset_config
+from .data import check_model_dir
 
 logger = logging.getLogger(__name__)
 
@@ -75,121 +77,141 @@ def _obj(pronoun: str) -> str:
     return {"she": "her", "he": "him"}[pronoun]
 
 
+def _d_add(rng):
+    a, b = rng.randint(2, 60), rng.randint(2, 40)
+    return dict(a=a, b=b, ans=a + b)
+
+
+def _d_sub(rng):
+    a = rng.randint(10, 80)
+    b = rng.randint(1, a - 1)
+    return dict(a=a, b=b, ans=a - b)
+
+
+def _d_mul(rng):
+    n, k = rng.randint(2, 12), rng.randint(2, 15)
+    c, cs = rng.choice(_CONTAINERS)
+    return dict(n=n, k=k, c=c, cs=cs, ans=n * k)
+
+
+def _d_div(rng):
+    n, k = rng.randint(2, 9), rng.randint(2, 12)
+    return dict(n=n, t=n * k, ans=k)
+
+
+def _d_change(rng):
+    g, gs = rng.choice(_GOODS)
+    n, p = rng.randint(2, 6), rng.randint(2, 15)
+    bill = next(b for b in (10, 20, 50, 100) if b >= n * p)
+    return dict(gs=gs, n=n, p=p, cost=n * p, bill=bill, ans=bill - n * p)
+
+
+def _d_rate(rng):
+    p, w = rng.randint(3, 25), rng.randint(1, 4)
+    return dict(p=p, w=w, d=7 * w, ans=p * 7 * w)
+
+
+def _d_twostep(rng):
+    a, b = rng.randint(5, 40), rng.randint(5, 40)
+    c = rng.randint(1, a + b - 1)
+    return dict(a=a, b=b, ab=a + b, c=c, ans=a + b - c)
+
+
+def _d_compare(rng):
+    a, k = rng.randint(2, 20), rng.randint(2, 5)
+    return dict(a=a, k=k, b=a * k, ans=a + a * k)
+
+
+def _d_percent(rng):
+    g, _ = rng.choice(_GOODS)
+    pct = rng.choice([10, 20, 25, 50])
+    price = rng.randint(2, 20) * (100 // math.gcd(100, pct))  # so the discount is whole dollars
+    return dict(g=g, pct=pct, price=price, off=price * pct // 100, ans=price - price * pct // 100)
+
+
+def _d_average(rng):
+    game = rng.choice(_GAMES)
+    mean = rng.randint(5, 30)
+    a, b = mean + rng.randint(-4, 4), mean + rng.randint(-4, 4)
+    return dict(game=game, a=a, b=b, c=3 * mean - a - b, total=3 * mean, ans=mean)
+
+
+def _d_distance(rng):
+    vehicle = rng.choice(_VEHICLES)
+    v, h = rng.randint(5, 60), rng.randint(2, 6)
+    return dict(vehicle=vehicle, v=v, h=h, ans=v * h)
+
+
+# family: (draw, rephrased question, plain question, worked solution); the text is str.format'ed with
+# the draw and name/pron/Pron/obj/poss/other/items, and "\nThe answer is: {ans}" is appended.
+_FAMILY_TEXT = {
+    "add": (_d_add,
+            "If {name} has {a} {items} and {other} gives {obj} {b} more, how many {items} does {name} have now?",
+            "{name} has {a} {items}. {other} gives {obj} {b} more {items}. How many {items} does {name} have now?",
+            "{name} starts with {a} {items}.\nAfter getting {b} more, {pron} has {a} + {b} = {ans} {items}."),
+    "sub": (_d_sub,
+            "After giving {b} of {poss} {a} {items} to {other}, how many {items} does {name} have left?",
+            "{name} had {a} {items}. {Pron} gave {b} of them to {other}. How many {items} does {name} have left?",
+            "{name} had {a} {items} and gave away {b}.\n{Pron} has {a} - {b} = {ans} {items} left."),
+    "mul": (_d_mul,
+            "If there are {n} {cs} and each {c} holds {k} {items}, what is the total number of {items}?",
+            "{name} has {n} {cs}. Each {c} holds {k} {items}. How many {items} does {name} have in total?",
+            "There are {n} {cs} with {k} {items} in each.\nSo there are {n} * {k} = {ans} {items} in total."),
+    "div": (_d_div,
+            "If {name} shares {t} {items} equally among {n} friends, how many {items} does each friend get?",
+            "{name} has {t} {items} to share equally among {n} friends. How many {items} does each friend get?",
+            "{name} splits {t} {items} into {n} equal groups.\nEach friend gets {t} / {n} = {ans} {items}."),
+    "change": (_d_change,
+               "If {name} buys {n} {gs} at ${p} each and pays with a ${bill} bill, how much change does {pron} get?",
+               "{name} buys {n} {gs} that cost ${p} each. {Pron} pays with a ${bill} bill. "
+               "How much change does {name} get?",
+               "The {gs} cost {n} * {p} = {cost} dollars.\n{name} gets {bill} - {cost} = {ans} dollars in change."),
+    "rate": (_d_rate,
+             "If {name} reads {p} pages every day, how many pages will {pron} read in {w} weeks?",
+             "{name} reads {p} pages of a book every day. How many pages does {pron} read in {w} weeks?",
+             "A week has 7 days, so {w} weeks have 7 * {w} = {d} days.\n{name} reads {p} * {d} = {ans} pages."),
+    "twostep": (_d_twostep,
+                "If {name} collects {a} {items} in the morning and {b} in the afternoon, and then loses {c}, "
+                "how many {items} does {pron} have?",
+                "{name} collects {a} {items} in the morning and {b} {items} in the afternoon. "
+                "{Pron} loses {c} of them on the way home. How many {items} does {pron} have now?",
+                "{name} collects {a} + {b} = {ab} {items}.\nAfter losing {c}, {pron} has {ab} - {c} = {ans} {items}."),
+    "compare": (_d_compare,
+                "If {name} has {a} {items} and {other} has {k} times as many, how many {items} do they have together?",
+                "{name} has {a} {items}. {other} has {k} times as many {items} as {name}. "
+                "How many {items} do they have together?",
+                "{other} has {k} * {a} = {b} {items}.\nTogether they have {a} + {b} = {ans} {items}."),
+    "percent": (_d_percent,
+                "If a {g} that costs ${price} is sold at {pct}% off, what is the sale price?",
+                "A {g} costs ${price}. The store takes {pct}% off the price. How much does the {g} cost now?",
+                "The discount is {pct} / 100 * {price} = {off} dollars.\n"
+                "The new price is {price} - {off} = {ans} dollars."),
+    "average": (_d_average,
+                "If {name} scored {a}, {b} and {c} points in three {game} games, what was {poss} average score?",
+                "{name} played three {game} games and scored {a}, {b} and {c} points. "
+                "What is {poss} average score per game?",
+                "{name} scored {a} + {b} + {c} = {total} points in total.\n"
+                "The average is {total} / 3 = {ans} points per game."),
+    "distance": (_d_distance,
+                 "If a {vehicle} goes {v} miles per hour for {h} hours, how far does it go?",
+                 "A {vehicle} travels at {v} miles per hour. How many miles does it travel in {h} hours?",
+                 "In {h} hours the {vehicle} travels {v} * {h} = {ans} miles."),
+}
+
+
 def _problem(rng: random.Random, family: str) -> tuple[str, str]:
+    """One (query, response) of `family`; the draws happen in a fixed order so a seed fixes the set."""
     name, pron = rng.choice(_NAMES)
     other, _ = rng.choice([n for n in _NAMES if n[0] != name])
     items = rng.choice(_ITEMS)
-    Pron = pron.capitalize()
     rephrased = rng.random() < 0.5
-    if family == "add":
-        a, b = rng.randint(2, 60), rng.randint(2, 40)
-        s = a + b
-        q = (f"If {name} has {a} {items} and {other} gives {_obj(pron)} {b} more, how many {items} does {name} have now?"
-             if rephrased else
-             f"{name} has {a} {items}. {other} gives {_obj(pron)} {b} more {items}. How many {items} does {name} have now?")
-        r = f"{name} starts with {a} {items}.\nAfter getting {b} more, {pron} has {a} + {b} = {s} {items}."
-        return q, r + f"\nThe answer is: {s}"
-    if family == "sub":
-        a = rng.randint(10, 80)
-        b = rng.randint(1, a - 1)
-        s = a - b
-        q = (f"After giving {b} of {_poss(pron)} {a} {items} to {other}, how many {items} does {name} have left?"
-             if rephrased else
-             f"{name} had {a} {items}. {Pron} gave {b} of them to {other}. How many {items} does {name} have left?")
-        r = f"{name} had {a} {items} and gave away {b}.\n{Pron} has {a} - {b} = {s} {items} left."
-        return q, r + f"\nThe answer is: {s}"
-    if family == "mul":
-        n, k = rng.randint(2, 12), rng.randint(2, 15)
-        c, cs = rng.choice(_CONTAINERS)
-        t = n * k
-        q = (f"If there are {n} {cs} and each {c} holds {k} {items}, what is the total number of {items}?"
-             if rephrased else
-             f"{name} has {n} {cs}. Each {c} holds {k} {items}. How many {items} does {name} have in total?")
-        r = f"There are {n} {cs} with {k} {items} in each.\nSo there are {n} * {k} = {t} {items} in total."
-        return q, r + f"\nThe answer is: {t}"
-    if family == "div":
-        n, k = rng.randint(2, 9), rng.randint(2, 12)
-        t = n * k
-        q = (f"If {name} shares {t} {items} equally among {n} friends, how many {items} does each friend get?"
-             if rephrased else
-             f"{name} has {t} {items} to share equally among {n} friends. How many {items} does each friend get?")
-        r = f"{name} splits {t} {items} into {n} equal groups.\nEach friend gets {t} / {n} = {k} {items}."
-        return q, r + f"\nThe answer is: {k}"
-    if family == "change":
-        g, gs = rng.choice(_GOODS)
-        n, p = rng.randint(2, 6), rng.randint(2, 15)
-        cost = n * p
-        bill = next(b for b in (10, 20, 50, 100) if b >= cost)
-        q = (f"If {name} buys {n} {gs} at ${p} each and pays with a ${bill} bill, how much change does {pron} get?"
-             if rephrased else
-             f"{name} buys {n} {gs} that cost ${p} each. {Pron} pays with a ${bill} bill. "
-             f"How much change does {name} get?")
-        r = (f"The {gs} cost {n} * {p} = {cost} dollars.\n"
-             f"{name} gets {bill} - {cost} = {bill - cost} dollars in change.")
-        return q, r + f"\nThe answer is: {bill - cost}"
-    if family == "rate":
-        p, w = rng.randint(3, 25), rng.randint(1, 4)
-        d = 7 * w
-        t = p * d
-        q = (f"If {name} reads {p} pages every day, how many pages will {pron} read in {w} weeks?"
-             if rephrased else
-             f"{name} reads {p} pages of a book every day. How many pages does {pron} read in {w} weeks?")
-        r = (f"A week has 7 days, so {w} weeks have 7 * {w} = {d} days.\n"
-             f"{name} reads {p} * {d} = {t} pages.")
-        return q, r + f"\nThe answer is: {t}"
-    if family == "twostep":
-        a, b = rng.randint(5, 40), rng.randint(5, 40)
-        c = rng.randint(1, a + b - 1)
-        s = a + b - c
-        q = (f"If {name} collects {a} {items} in the morning and {b} in the afternoon, and then loses {c}, "
-             f"how many {items} does {pron} have?"
-             if rephrased else
-             f"{name} collects {a} {items} in the morning and {b} {items} in the afternoon. "
-             f"{Pron} loses {c} of them on the way home. How many {items} does {pron} have now?")
-        r = (f"{name} collects {a} + {b} = {a + b} {items}.\n"
-             f"After losing {c}, {pron} has {a + b} - {c} = {s} {items}.")
-        return q, r + f"\nThe answer is: {s}"
-    if family == "compare":
-        a, k = rng.randint(2, 20), rng.randint(2, 5)
-        b = a * k
-        q = (f"If {name} has {a} {items} and {other} has {k} times as many, how many {items} do they have together?"
-             if rephrased else
-             f"{name} has {a} {items}. {other} has {k} times as many {items} as {name}. "
-             f"How many {items} do they have together?")
-        r = f"{other} has {k} * {a} = {b} {items}.\nTogether they have {a} + {b} = {a + b} {items}."
-        return q, r + f"\nThe answer is: {a + b}"
-    if family == "percent":
-        g, _ = rng.choice(_GOODS)
-        pct = rng.choice([10, 20, 25, 50])
-        price = rng.randint(2, 20) * (100 // math.gcd(100, pct))  # so the discount is whole dollars
-        off = price * pct // 100
-        q = (f"If a {g} that costs ${price} is sold at {pct}% off, what is the sale price?"
-             if rephrased else
-             f"A {g} costs ${price}. The store takes {pct}% off the price. How much does the {g} cost now?")
-        r = (f"The discount is {pct} / 100 * {price} = {off} dollars.\n"
-             f"The new price is {price} - {off} = {price - off} dollars.")
-        return q, r + f"\nThe answer is: {price - off}"
-    if family == "average":
-        game = rng.choice(_GAMES)
-        mean = rng.randint(5, 30)
-        a, b = mean + rng.randint(-4, 4), mean + rng.randint(-4, 4)
-        c = 3 * mean - a - b
-        q = (f"If {name} scored {a}, {b} and {c} points in three {game} games, what was {_poss(pron)} average score?"
-             if rephrased else
-             f"{name} played three {game} games and scored {a}, {b} and {c} points. "
-             f"What is {_poss(pron)} average score per game?")
-        r = (f"{name} scored {a} + {b} + {c} = {3 * mean} points in total.\n"
-             f"The average is {3 * mean} / 3 = {mean} points per game.")
-        return q, r + f"\nThe answer is: {mean}"
-    if family == "distance":
-        vehicle = rng.choice(_VEHICLES)
-        v, h = rng.randint(5, 60), rng.randint(2, 6)
-        q = (f"If a {vehicle} goes {v} miles per hour for {h} hours, how far does it go?"
-             if rephrased else
-             f"A {vehicle} travels at {v} miles per hour. How many miles does it travel in {h} hours?")
-        r = f"In {h} hours the {vehicle} travels {v} * {h} = {v * h} miles."
-        return q, r + f"\nThe answer is: {v * h}"
-    raise ValueError(f"unknown problem family {family!r}")
+    if family not in _FAMILY_TEXT:
+        raise ConfigError(f"unknown problem family {family!r}")
+    draw, rephrased_q, plain_q, working = _FAMILY_TEXT[family]
+    v = dict(draw(rng), name=name, pron=pron, Pron=pron.capitalize(), obj=_obj(pron), poss=_poss(pron),
+             other=other, items=items)
+    q = (rephrased_q if rephrased else plain_q).format(**v)
+    return q, working.format(**v) + f"\nThe answer is: {v['ans']}"
 
 
 FAMILIES = ("add", "sub", "mul", "div", "change", "rate", "twostep", "compare", "percent", "average", "distance")
@@ -412,7 +434,7 @@ def ensure_preset(preset: str = "tiny-llama", dir: str | os.PathLike | None = No
     """
     if preset not in demo_presets():
         preset_config(preset)  # unknown name: lists the presets
-        raise ValueError(
+        raise ConfigError(
             f"preset {preset!r} is a config-only preset (no weights, vocab_size "
             f"{preset_config(preset).get('vocab_size')}); buildable demo presets: {', '.join(demo_presets())}"
         )
@@ -445,19 +467,15 @@ def ensure_preset(preset: str = "tiny-llama", dir: str | os.PathLike | None = No
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_tiny_llama(dir: str | os.PathLike | None = None) -> Path:
-    """`ensure_preset("tiny-llama", dir)`: the demo checkpoint + tokenizer directory."""
-    return ensure_preset("tiny-llama", dir)
-
-
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
-    """A local model directory as given, or the built directory of a preset name."""
+    """A complete local model directory (config, weights, tokenizer), or the built directory of a preset
+    name; ConfigError naming --model otherwise."""
     path = Path(name_or_path)
     if path.is_dir():
-        return path
+        return check_model_dir(path)
     if str(name_or_path) in demo_presets():
         return ensure_preset(str(name_or_path))
-    raise FileNotFoundError(
+    raise ConfigError(
         f"--model {str(name_or_path)!r} is neither a local model directory nor a buildable preset "
         f"({', '.join(demo_presets())})"
     )

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+from typing import Callable, TypeVar
 
+from ..comm import Comm
+from ..errors import DistributedError, LoraDistError
+
+T = TypeVar("T")
+
+RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE", "MPI_LOCALNRANKS")
 
 
@@ -30,8 +37,31 @@ def init_distributed() -> str:
         try:
             import mpi4py  # noqa: F401
         except ImportError:
-            raise SystemExit("this job was started by mpirun, but mpi4py is not installed: "
+            raise DistributedError("this job was started by mpirun, but mpi4py is not installed: "
                              "pip install 'lora_dist[mpi]' (and an MPI runtime)") from None
     # DeepSpeed's MPI discovery sets MASTER_PORT to its argument (default 29500): pass ours through
     deepspeed.init_distributed(distributed_port=int(os.environ.get("MASTER_PORT", 29500)))
     return how
+
+
+def launch_rank() -> int:
+    """This process's global rank as the launcher set it (0 for a plain `python` run); usable
+    before, after, or without torch.distributed."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    for var in RANK_VARS:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def collectively(comm: Comm, fn: Callable[[], T]) -> T:
+    """Run `fn` on every rank; if it raised a LoraDistError on any rank, every rank raises the first
+    one (lowest rank), so no rank is left waiting in a later collective for one that stopped."""
+    try:
+        result, message = fn(), None
+    except LoraDistError as e:
+        result, message = None, str(e)
+    comm.raise_if_any(message, LoraDistError)
+    return result

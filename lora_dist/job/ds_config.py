@@ -12,7 +12,7 @@ gradient_clipping                                  gradient_clipping
 optimizer.params.lr / weight_decay / betas / eps   lr / weight_decay / betas / eps
 scheduler.params.warmup_min_lr                     0
 scheduler.params.warmup_max_lr                     lr
-scheduler.params.warmup_num_steps                  warmup_steps (at least 1)
+scheduler.params.warmup_num_steps                  warmup_steps (at least 1; WarmupCosineLR uses >= 2)
 scheduler.params.total_num_steps                   total_steps
 bf16.enabled / fp16.enabled                        bf16 / fp16 (fp16 off when not given)
 zero_optimization.reduce_bucket_size               hidden_size * hidden_size
@@ -33,7 +33,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import DeepSpeedConfigError  # noqa: F401  (re-exported)
+from ..errors import ConfigError, DeepSpeedConfigError  # noqa: F401  (re-exported)
 
 AUTO = "auto"
 _SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR", "OneCycle", "LRRangeTest")
@@ -162,6 +162,26 @@ def _divisors(n: int) -> list[int]:
 
 def _examples(values: list[int], limit: int = 6) -> str:
     return ", ".join(str(v) for v in values[:limit]) + (", ..." if len(values) > limit else "")
+
+
+_BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def check_batch_flags(batch_size: int, micro_batch_size: int, world_size: int) -> None:
+    """Raise ConfigError unless --batch_size = --micro_batch_size x accumulation x world size for a whole
+    accumulation count; the message names both flags and values that work."""
+    step = micro_batch_size * world_size
+    if batch_size % step == 0:
+        return
+    lower, upper = (batch_size // step) * step, (batch_size // step + 1) * step
+    fixes = f"--batch_size {' or '.join(str(v) for v in (lower, upper) if v > 0)}"
+    if batch_size % world_size == 0:
+        per_rank = batch_size // world_size
+        fixes += f", or --micro_batch_size {_examples(_divisors(per_rank))} (divisors of {batch_size} / {world_size})"
+    raise ConfigError(
+        f"--batch_size {batch_size} is not a multiple of --micro_batch_size {micro_batch_size} x {world_size} "
+        f"rank(s) = {step} (a step is micro-batch x accumulation steps x ranks samples): use {fixes}"
+    )
 
 
 def resolve_batch_sizes(train_batch_size: int | None, micro_batch_size: int | None,
@@ -299,6 +319,8 @@ def fill_auto(
     gas = batch_value("gradient_accumulation_steps", gradient_accumulation_steps, "gradient_accumulation_steps")
     if filler.mismatches:
         raise DeepSpeedConfigError(_mismatch_message(filler.mismatches, source))
+    if all(cfg.get(k, AUTO) == AUTO for k in _BATCH_KEYS) and tbs is not None and mbs is not None:
+        check_batch_flags(tbs, mbs, world_size)  # the sizes are the flags': name them, not the file
     tbs, mbs, gas = resolve_batch_sizes(tbs, mbs, gas, world_size, source)
     cfg["train_batch_size"] = tbs
     cfg["train_micro_batch_size_per_gpu"] = mbs
@@ -348,7 +370,7 @@ def _mismatch_message(mismatches: list[str], source: str | os.PathLike | None) -
 def warmup_steps_from_ratio(total_steps: int, warmup_ratio: float) -> int:
     """ceil(total_steps * warmup_ratio), as the HF Trainer counts warmup steps."""
     if not 0.0 <= warmup_ratio <= 1.0:
-        raise ValueError(f"warmup_ratio must be in [0, 1], got {warmup_ratio}")
+        raise ConfigError(f"warmup_ratio must be in [0, 1], got {warmup_ratio}")
     return math.ceil(total_steps * warmup_ratio)
 
 
@@ -357,12 +379,26 @@ def prepare_ds_config(path: str | os.PathLike, **kwargs: Any) -> dict:
     return fill_auto(load_ds_config(path), source=path, **kwargs)
 
 
-def world_size_from_env(default: int = 1) -> int:
-    """$WORLD_SIZE as set by the deepspeed / torchrun launchers, else `default`."""
-    value = os.environ.get("WORLD_SIZE")
-    if value is None:
-        return default
+def first_moving_lr(engine, limit: int = 100_000) -> float:
+    """The learning rate of the first optimizer step whose LR is nonzero, read from the scheduler
+    DeepSpeed built (LoRA-SB's η).
+
+    Step t uses the LR the scheduler set after step t - 1; the first step uses the optimizer's LR at
+    initialize time. DeepSpeed's WarmupCosineLR clamps warm-up to >= 2 steps and starts at ratio 0,
+    so with a 1-step warm-up η = lr / 2, not lr: read the schedule instead of re-deriving it. The
+    scheduler's iteration counter is probed and restored; nothing is stepped.
+    """
+    lr = float(engine.get_lr()[0])
+    sched = engine.lr_scheduler
+    if lr > 0 or sched is None:
+        return lr
+    start = sched.last_batch_iteration
     try:
-        return int(value)
-    except ValueError:
-        raise DeepSpeedConfigError(f"WORLD_SIZE={value!r} is not an integer") from None
+        for it in range(start + 1, start + 1 + limit):
+            sched.last_batch_iteration = it
+            lr = float(sched.get_lr()[0])
+            if lr > 0:
+                return lr
+    finally:
+        sched.last_batch_iteration = start
+    raise ConfigError(f"the DeepSpeed scheduler {type(sched).__name__} keeps the LR at 0 for {limit} steps")

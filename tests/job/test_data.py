@@ -7,8 +7,8 @@ import shutil
 import datasets
 import pytest
 import torch
-from torch.utils.data.distributed import DistributedSampler
 
+from lora_dist.errors import ConfigError, DataError
 from lora_dist.job import demo as assets
 from lora_dist.job.data import (
     IGNORE_INDEX,
@@ -17,14 +17,15 @@ from lora_dist.job.data import (
     batches,
     build_dataset,
     calibration_indices,
+    check_model_dir,
     collate,
     detect_format,
     ensure_pad_token,
+    epoch_order,
     exact_match,
     extract_final_number,
     load_records,
     load_tokenizer,
-    shard_indices,
     train_eval_split,
     validate_records,
 )
@@ -142,7 +143,7 @@ def test_load_records_every_format(tmp_path):
 
 
 def test_load_records_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(DataError, match="nope.jsonl"):
         load_records(tmp_path / "nope.jsonl")
     (tmp_path / "d.csv").write_text("a,b\n1,2\n")
     with pytest.raises(ValueError, match=r"unsupported extension '\.csv'"):
@@ -237,7 +238,7 @@ def test_sentencepiece_only_directory(spm_dir, tmp_path):
     try:
         import google.protobuf  # noqa: F401
     except ImportError:
-        with pytest.raises(RuntimeError, match="pip install protobuf"):
+        with pytest.raises(ConfigError, match="pip install protobuf"):
             load_tokenizer(only)
     else:
         tok = load_tokenizer(only)
@@ -358,29 +359,23 @@ def test_batches_follow_indices(llama_tok):
         assert first["labels"][j, n:].eq(IGNORE_INDEX).all()
 
 
-@pytest.mark.parametrize("n,world", [(10, 2), (11, 4), (3, 4), (100, 8)])
-def test_shard_indices_matches_distributed_sampler(n, world):
+@pytest.mark.parametrize("world,micro", [(1, 8), (1, 2), (2, 4), (2, 1), (4, 2), (8, 1)])
+def test_epoch_order_steps_do_not_depend_on_world_or_micro_batch(world, micro):
+    """The job takes micro-batch i of rank r as epoch_order(...)[i*m:(i+1)*m]; global step k then
+    holds permutation positions [k*B, (k+1)*B) of torch.randperm(n) seeded with seed + epoch,
+    whatever the world size and micro-batch size (B = 8 here)."""
+    n, B, seed = 100, 8, 7
+    accum = B // (micro * world)
     for epoch in (0, 3):
-        shards = [shard_indices(n, r, world, seed=7, epoch=epoch) for r in range(world)]
-        for r in range(world):
-            sampler = DistributedSampler(range(n), num_replicas=world, rank=r, shuffle=True, seed=7)
-            sampler.set_epoch(epoch)
-            assert shards[r] == list(sampler)
-        assert len({len(s) for s in shards}) == 1
-        assert set().union(*map(set, shards)) == set(range(n))
-        if n % world == 0:
-            assert sorted(i for s in shards for i in s) == list(range(n))
-
-
-def test_shard_indices_drop_last_and_epochs():
-    shards = [shard_indices(11, r, 4, seed=1, drop_last=True) for r in range(4)]
-    flat = [i for s in shards for i in s]
-    assert all(len(s) == 2 for s in shards) and len(set(flat)) == 8
-    assert shard_indices(50, 0, 2, seed=1, epoch=0) != shard_indices(50, 0, 2, seed=1, epoch=1)
-    assert shard_indices(50, 1, 2, seed=1, epoch=2) == shard_indices(50, 1, 2, seed=1, epoch=2)
-    assert shard_indices(5, 1, 2, shuffle=False) == [1, 3, 0]
-    with pytest.raises(ValueError, match="rank"):
-        shard_indices(10, 2, 2)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        orders = [epoch_order(n, r, world, seed=seed, epoch=epoch) for r in range(world)]
+        assert len({len(o) for o in orders}) == 1 and set().union(*map(set, orders)) == set(range(n))
+        for k in range(n // B):
+            step = [i for o in orders for m in range(k * accum, (k + 1) * accum) for i in o[m * micro:(m + 1) * micro]]
+            assert sorted(step) == sorted(perm[k * B:(k + 1) * B]), (epoch, k)
+    assert epoch_order(n, 0, world, seed=seed, epoch=0) != epoch_order(n, 0, world, seed=seed, epoch=1)
+    with pytest.raises(DataError, match="empty"):
+        epoch_order(0, 0, world)
 
 
 def test_calibration_indices():
@@ -441,3 +436,43 @@ def test_build_dataset_num_proc_gives_the_same_rows(llama_tok):
     two, report_two = build_dataset(MATH_ROWS, llama_tok, max_seq_len=100, num_proc=2)
     assert one.to_list() == two.to_list()
     assert report_one == report_two
+
+
+# ---------------------------------------------------------------------------------------------- new-user messages
+
+
+def test_empty_data_file_is_a_data_error_not_stop_iteration(tmp_path):
+    """An empty file used to end in a bare StopIteration from inside `datasets`."""
+    for name, text in (("empty.jsonl", ""), ("blank.json", "\n  \n"), ("none.json", "[]")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError, match=rf"{name}.* (is empty|holds no rows)"):
+            load_records(tmp_path / name)
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "a.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"a\.jsonl is empty"):
+        load_records(tmp_path / "dir")
+
+
+def test_empty_model_directory_names_the_directory_and_what_it_lacks(tmp_path, spm_dir):
+    """It used to be a tokenizer-backend error that named no directory."""
+    empty = tmp_path / "llama"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=rf"--model directory {empty} is incomplete: it lacks config\.json, "
+                                          r"weights \(model\.safetensors.*\), a tokenizer \(tokenizer\.json"):
+        check_model_dir(empty)
+    with pytest.raises(ConfigError, match=rf"model directory {empty} holds no tokenizer"):
+        load_tokenizer(empty)
+    with pytest.raises(ConfigError, match=rf"--model {empty} is incomplete|--model directory {empty}"):
+        assets.resolve_model(empty)
+    (empty / "config.json").write_text("{}")
+    (empty / "model.safetensors").write_bytes(b"")
+    shutil.copy(spm_dir / "tokenizer.json", empty / "tokenizer.json")
+    assert check_model_dir(empty) == empty and assets.resolve_model(empty) == empty
+
+
+def test_no_template_message_does_not_show_the_internal_row_column():
+    train, _ = train_eval_split([{"question": "q", "answer_text": "a"}] * 4, 1, seed=0)
+    assert ROW_COLUMN in train.column_names
+    with pytest.raises(DataError, match="fit no prompt template") as e:
+        validate_records(train)
+    assert ROW_COLUMN not in str(e.value) and "['answer_text', 'question']" in str(e.value)

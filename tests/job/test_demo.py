@@ -10,6 +10,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from lora_dist.errors import ConfigError
 from lora_dist.job import demo as assets
 from lora_dist.job.data import TEMPLATES, extract_final_number, load_tokenizer
 
@@ -136,7 +137,7 @@ def test_resolve_model(built, monkeypatch, tmp_path):
     assert assets.default_cache_dir() == built.parent
     assert assets.resolve_model("tiny-llama") == built
     assert assets.resolve_model(str(built)) == built
-    with pytest.raises(FileNotFoundError, match="neither a local model directory nor a buildable preset"):
+    with pytest.raises(ConfigError, match="neither a local model directory nor a buildable preset"):
         assets.resolve_model(str(tmp_path / "llama-7b"))
     config_only = [p for p in assets.list_presets() if p not in assets.demo_presets()]
     if config_only:  # e.g. llama2-13b: a config for memory planning, no weights to build

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from lora_dist.errors import ConfigError
 from lora_dist.job.ds_config import (
     DeepSpeedConfigError,
     auto_keys,
+    first_moving_lr,
     fill_auto,
     load_ds_config,
     prepare_ds_config,
@@ -118,6 +120,27 @@ def test_all_three_inconsistent_says_what_to_change():
     assert "train_batch_size 32 != train_micro_batch_size_per_gpu 2 x gradient_accumulation_steps 1 x world size 8 = 16" \
         in msg
     assert "set gradient_accumulation_steps to 2" in msg
+
+
+@pytest.mark.parametrize("batch, micro, world, suggested", [(3, 8, 2, "16"), (24, 8, 2, "16 or 32"), (6, 4, 2, "8")])
+def test_batch_size_3_names_the_flags_and_suggests_a_value_that_works(batch, micro, world, suggested):
+    """`--batch_size 3` used to blame the ds_config (which says "auto") and suggest 4, which then failed
+    on the micro-batch of 8. The message names the flags, and every value it suggests is accepted."""
+    shipped = load_ds_config(REPO / "ds_configs" / "zero3.json")
+    kw = dict(world_size=world, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, warmup_steps=1,
+              total_steps=10, hidden_size=64, bf16=False, gradient_clipping=1.0)
+    with pytest.raises(ConfigError) as err:
+        fill_auto(shipped, train_batch_size=batch, micro_batch_size=micro, source="zero3.json", **kw)
+    msg = str(err.value)
+    assert msg.startswith(f"--batch_size {batch} is not a multiple of --micro_batch_size {micro} x {world} rank(s)")
+    assert "zero3.json" not in msg and f"use --batch_size {suggested}" in msg
+    for value in suggested.split(" or "):
+        cfg = fill_auto(shipped, train_batch_size=int(value), micro_batch_size=micro, **kw)
+        assert cfg["train_batch_size"] == int(value) and cfg["train_micro_batch_size_per_gpu"] == micro
+    if batch % world == 0:  # or keep the batch and change the micro-batch: each suggested one works too
+        micros = msg.split("--micro_batch_size ")[-1].split(" (")[0].split(", ")
+        for m in micros:
+            fill_auto(shipped, train_batch_size=batch, micro_batch_size=int(m), **kw)
 
 
 def test_config_values_disagreeing_with_flags_are_all_listed():
@@ -228,3 +251,48 @@ def test_shipped_configs_train_under_deepspeed_on_cpu(tmp_path):
     # the same seeded model, data and optimizer: every ZeRO stage must reach the same weights
     sums = [run["q_checksums"][0] for run in runs.values()]
     assert max(sums) - min(sums) < 1e-4, sums
+
+
+@pytest.fixture(scope="module")
+def world_of_one():
+    """torch.distributed over gloo with one rank, as `python script.py` under the job gets it (once
+    per module: DeepSpeed keeps groups it made, so a second init in one process would not work)."""
+    import deepspeed
+    import deepspeed.comm.comm as ds_comm
+    import torch.distributed as dist
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                               MASTER_PORT=str(_free_port())).items():
+            mp.setenv(key, value)
+        deepspeed.init_distributed(dist_backend="gloo")
+        yield
+        dist.destroy_process_group()
+        ds_comm.cdb = None  # let a later module start its own group
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 3])
+def test_first_moving_lr_is_read_from_the_built_scheduler(world_of_one, warmup):
+    """LoRA-SB's η is the LR of the first step that moves the weights. DeepSpeed's WarmupCosineLR
+    clamps warm-up to >= 2 steps, so for a 1-step (or 0-step) warm-up it is lr/2, not lr/1."""
+    import deepspeed
+    import torch
+    lr = 1e-2
+    cfg = fill_auto(load_ds_config(REPO / "ds_configs" / "zero2.json"), world_size=1, train_batch_size=2,
+                    micro_batch_size=2, lr=lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8, total_steps=8,
+                    warmup_steps=warmup, bf16=False, gradient_clipping=1.0, hidden_size=4)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    engine, _, _, sched = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=cfg)
+    start = sched.last_batch_iteration
+    eta = first_moving_lr(engine)
+    assert sched.last_batch_iteration == start and engine.get_lr()[0] == 0.0  # probed, not stepped
+    assert eta == pytest.approx(lr / max(2, warmup))
+    x, y = torch.randn(2, 4), torch.randn(2, 1)
+    for _ in range(8):  # train: the first step that changes the weights runs at LR η
+        before, step_lr = model.weight.detach().clone(), engine.get_lr()[0]
+        loss = torch.nn.functional.mse_loss(engine(x), y)
+        engine.backward(loss)
+        engine.step()
+        if not torch.equal(before, model.weight.detach()):
+            break
+    assert step_lr == pytest.approx(eta, rel=1e-12)

@@ -1,0 +1,160 @@
+"""The training job's flags: one `TrainConfig` dataclass, read from defaults, then an optional
+YAML/JSON `--config` file, then the command line (each overriding the one before).
+
+Every bad value is a `ConfigError` naming the flag, raised before anything expensive runs, and the
+command-line parser raises instead of printing usage and exiting, so the job prints it once.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ..config import INITS, KINDS, AdapterConfig
+from ..errors import ConfigError
+from .demo import METAMATH_TINY
+
+_DEFAULT_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """Every flag of launch/train.py; the defaults are the embedded demo (minutes on 2 CPU cores)."""
+
+    ds_config: str = _f("ds_configs/zero3.json", "DeepSpeed JSON config; \"auto\" values are filled from these flags")
+    model: str = _f("tiny-llama", "local HF model directory, or a built-in preset (tiny-llama, small-llama)")
+    data: str = _f(str(METAMATH_TINY), "json, jsonl, parquet file or a `datasets` save_to_disk directory")
+    template: str = _f("auto", "auto, metamath, alpaca or commonsense")
+    adapter: str = _f("lora_fa", "adapter kind", choices=KINDS)
+    init: str = _f("lora_da", "adapter initialization", choices=INITS)
+    r: int = _f(8, "adapter rank")
+    alpha: float = _f(16.0, "adapter scale numerator (s = alpha / r)")
+    use_rslora: bool = _f(False, "s = alpha / sqrt(r)")
+    dropout: float = _f(0.0, "dropout on the adapter input")
+    target_modules: str = _f(_DEFAULT_TARGETS, "comma-separated name patterns, or all-linear")
+    init_samples: int = _f(64, "calibration samples for data-aware inits")
+    init_options: Any = _f("{}", 'JSON object, e.g. \'{"beta": 0.03}\'')
+    max_seq_len: int = _f(128, "tokens per example")
+    overlength: str = _f("truncate", "what to do with longer examples", choices=("truncate", "filter"))
+    epochs: int = _f(1, "passes over the training set (when --max_steps <= 0)")
+    max_steps: int = _f(120, "optimizer steps (<= 0: run --epochs)")
+    batch_size: int = _f(16, "global batch size (samples per optimizer step)")
+    micro_batch_size: int = _f(8, "per-rank micro-batch")
+    lr: float = _f(2e-3, "peak learning rate")
+    warmup_ratio: float = _f(0.03, "fraction of the steps spent in linear warm-up")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping")
+    bf16: bool = _f(False, "train in bfloat16")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass")
+    eval_size: int = _f(64, "held-out examples")
+    eval_every: int = _f(40, "steps between held-out evaluations")
+    eval_generate: int = _f(16, "held-out prompts scored by greedy generation (math)")
+    save_every: int = _f(40, "steps between checkpoints")
+    output_dir: str = _f("outputs/run", "metrics, checkpoints, final.json and the adapter go here")
+    resume: bool = _f(False, "continue from output_dir's latest checkpoint")
+    overwrite_output_dir: bool = _f(False, "replace a previous run in output_dir (its checkpoints, metrics, adapter)")
+    seed: int = _f(0, "global seed")
+    num_proc: Optional[int] = _f(None, "tokenizer processes")
+
+    def __post_init__(self):
+        for key in ("r", "init_samples", "max_seq_len", "batch_size", "micro_batch_size", "eval_every", "save_every"):
+            if getattr(self, key) is None or getattr(self, key) <= 0:
+                raise ConfigError(f"--{key} must be positive, got {getattr(self, key)}")
+        for key in ("lr", "alpha"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"--{key} must be positive, got {getattr(self, key)}")
+        for key in ("eval_size", "eval_generate", "weight_decay", "max_grad_norm"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"--{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ConfigError(f"--epochs must be positive when --max_steps <= 0, got {self.epochs}")
+        if self.resume and self.overwrite_output_dir:
+            raise ConfigError("--resume and --overwrite_output_dir contradict each other: pass one")
+        if isinstance(self.init_options, str):
+            try:
+                self.init_options = json.loads(self.init_options)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--init_options is not valid JSON: {e}") from None
+        if not isinstance(self.init_options, dict):
+            raise ConfigError(f"--init_options must be a JSON object, got {self.init_options!r}")
+
+    def adapter_config(self) -> AdapterConfig:
+        """The AdapterConfig these flags describe; its constructor checks the kind/init pair and init_options."""
+        targets = "all-linear" if self.target_modules == "all-linear" else self.target_modules.split(",")
+        try:
+            return self._adapter_config(targets)
+        except ConfigError as e:
+            raise ConfigError(f"--adapter {self.adapter} --init {self.init}: {e}") from None
+
+    def _adapter_config(self, targets) -> AdapterConfig:
+        return AdapterConfig(kind=self.adapter, init=None if self.adapter == "none" else self.init, r=self.r,
+                             alpha=self.alpha, use_rslora=self.use_rslora, dropout=self.dropout,
+                             target_modules=targets, init_options=dict(self.init_options),
+                             init_samples=self.init_samples, seed=self.seed)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # a ConfigError the job prints once, instead of usage + exit on every rank
+        raise ConfigError(f"{message} (see --help)")
+
+
+def _parser(description: str) -> argparse.ArgumentParser:
+    p = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", help="YAML or JSON file of flag values (flags given here override it)")
+    for f in dataclasses.fields(TrainConfig):
+        names = [f"--{f.name}"] + (["--deepspeed_config"] if f.name == "ds_config" else [])
+        help_text = f"{f.metadata['help']} (default: {f.default})"
+        if f.type == "bool":
+            p.add_argument(*names, dest=f.name, action="store_true", help=help_text)
+            continue
+        kind = {"int": int, "float": float, "Optional[int]": int}.get(f.type, str)
+        p.add_argument(*names, dest=f.name, type=kind, choices=f.metadata.get("choices"), help=help_text)
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    return p
+
+
+def load_config_file(path: str) -> dict:
+    """Flag values from a YAML (.yaml/.yml) or JSON file: a mapping of TrainConfig field names."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path!r} does not exist")
+    with open(path) as f:
+        text = f.read()
+    try:
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+            values = yaml.safe_load(text) or {}
+        else:
+            values = json.loads(text)
+    except Exception as e:
+        raise ConfigError(f"--config {path!r} cannot be parsed: {e}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path!r} must hold a mapping of flag names to values")
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"--config {path!r} has unknown keys {unknown}; known: {sorted(known)}")
+    return values
+
+
+def parse_args(argv=None, description: str = "") -> TrainConfig:
+    """TrainConfig from defaults < `--config` file < command-line flags."""
+    ns = vars(_parser(description).parse_args(argv))
+    ns.pop("local_rank", None)
+    values = load_config_file(ns.pop("config")) if "config" in ns else {}
+    values.update(ns)
+    try:
+        return TrainConfig(**values)
+    except TypeError as e:  # a value of the wrong type from the config file
+        raise ConfigError(f"--config: {e}") from None
