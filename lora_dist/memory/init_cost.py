@@ -60,7 +60,7 @@ class Rates:
         "tf32": 156.0,                  # fp32 inputs on TF32 tensor cores, fp32 accumulation
         "bfloat16": 312.0})             # bf16 inputs, fp32 accumulation
     gemm_efficiency: float = 0.7        # of peak, large hook GEMMs
-    solve_efficiency: float = 0.25      # of the solve dtype's GEMM peak: Cholesky, inverses, eigensolvers
+    solve_efficiency: float = 0.10      # 2·Method.cost / time over the GEMM rate: 0.09-0.28 measured (CPU, fp64)
     nvlink_gbs: float = 200.0           # GB/s per GPU per direction (A800: 400 GB/s bidirectional)
     node_link_gbs: float = 100.0        # GB/s per node per direction (4 × 200 Gb/s)
 
@@ -251,3 +251,4 @@ def _seconds(plan, units, hook, spec, s_name, mplan, method, rates: Rates, data:
     gather = _link_seconds(w * (N - 1) / N, N, mplan.cluster, rates)
     return {"calibration": calib, "hooks": hooks, "solves": solves,
             "wire": _wire_seconds(plan, mplan.cluster, rates) + gather}
+
