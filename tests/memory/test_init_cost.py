@@ -137,3 +137,12 @@ def test_bad_init_inputs(plan70):
     with pytest.raises(MemoryConfigError, match="--epoch-samples"):
         init_cost(mplan, cfg, InitSpec("lora_da", samples=8, seq_len=1024), epoch_samples=0)
     assert Rates().gemm_tflops["float64"] == 19.5
+
+
+def test_text_output_states_the_plan(plans, capsys):
+    ic = _init(plans, "llama2-70b")
+    cli._print_init(ic)
+    out = capsys.readouterr().out
+    s = ic.summary
+    assert f"{s['passes']} pass(es)" in out and "fits" in out and "float64" in out
+    assert f"{100 * s['fraction_of_epoch']:.2f}% of an epoch of 100000 samples" in out
