@@ -35,14 +35,20 @@ own units into k passes under the budget (worst-fit decreasing: each unit, large
 emptiest pass where it fits, so the passes come out even). Passes are cut by bytes, not by rounds.
 A unit that does not fit alone, stats + workspace + W + inflight_max > budget, is a ConfigError
 naming it and the bytes it needs, raised before anything runs.
+
+`unit_costs(modules, method, opts, r, ...)` builds the UnitCost list from (name, d_out, d_in, group)
+tuples with the engine's own formulas (stats.slot_shapes, Method.workspace_bytes, Method.cost), so
+the engine and the memory tool (lora_dist.memory.init_cost) share one accounting.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
 from ..errors import ConfigError
+from .methods.base import WEIGHT
+from .stats import Collector, slot_shapes
 
 GiB = 1024 ** 3
 
@@ -64,6 +70,7 @@ class UnitCost:
     inflight_bytes: int = 0
     wire_bytes: int = 0
     solve_cost: float = 0.0
+    hook_flops_per_token: int = 0   # forming its statistics on the owner (for the cost model)
 
     @property
     def solve_bytes(self) -> int:
@@ -211,3 +218,45 @@ def _fill_costs(plan: PassPlan) -> None:
         plan.peak.append(peak)
         plan.wire_sent.append(sent)
         plan.wire_recv.append(recv)
+
+
+def unit_costs(modules: Sequence[Tuple[str, int, int, str]], method, opts: Dict, r: int, *, world: int,
+               tokens_per_step: int, steps_per_rank: int, stats_itemsize: int, solve_itemsize: int,
+               compute_itemsize: int) -> List[UnitCost]:
+    """UnitCosts of the sharded collection for `modules` = (name, d_out, d_in, group), group = the
+    first module reading the same input (the unit's name).
+
+    Per unit: statistics = Σ over its modules of slot_shapes(stats_needed) · stats_itemsize; solve
+    workspace = the largest module's Method.workspace_bytes (+ its statistics' copy in the solve
+    dtype when the dtypes differ); W = its modules' weights in the solve dtype if the method needs W;
+    rows per token = d_in (x) + Σ d_out (δ, if a backward statistic is needed), compute_itemsize
+    bytes each, + 9 B (float64 weight, bool mask); in flight = the owner receiving all `world`
+    ranks' rows of one micro-step plus its own send copy, (world + 1)·T·row bytes, and one
+    Collector.CHUNK of rows in the statistics dtype; wire = steps_per_rank·T·row bytes sent per rank;
+    hook FLOPs per token = 2 · (elements of every product but Σx)."""
+    stats = (method.stats_needed(opts) if method.needs_data else frozenset()) - {WEIGHT}
+    s_b, w_b, T = stats_itemsize, solve_itemsize, tokens_per_step
+    needs_d = method.needs_backward and bool(stats)
+    groups: Dict[str, list] = {}
+    for name, d_out, d_in, group in modules:
+        groups.setdefault(group, []).append((name, d_out, d_in))
+    units = []
+    for g, mods in groups.items():
+        d_in = mods[0][2]
+        sb, ws, wb, cost, flops = 0, 0, 0, 0.0, 0
+        for name, d_out, _ in mods:
+            shapes = slot_shapes(stats, d_out, d_in, name == g)
+            elems = sum(math.prod(s) for s in shapes.values())
+            sb += elems * s_b
+            conv = elems * w_b if s_b != w_b else 0  # the solve's .to(solve dtype) copies
+            ws = max(ws, method.workspace_bytes(d_out, d_in, r, opts, w_b) + conv)
+            wb += d_out * d_in * w_b if WEIGHT in method.needs else 0
+            cost += method.cost(d_out, d_in, r, opts)
+            flops += 2 * sum(math.prod(s) for k, s in shapes.items() if k != "sum")
+        row = (d_in if stats else 0) + (sum(m[1] for m in mods) if needs_d else 0)
+        row_bytes = row * compute_itemsize + (9 if needs_d else 0)
+        inflight = (world + 1) * T * row_bytes + Collector.CHUNK * row * s_b if row else 0
+        units.append(UnitCost(g, stats_bytes=sb, workspace_bytes=ws, weight_bytes=wb, inflight_bytes=inflight,
+                              wire_bytes=steps_per_rank * T * row_bytes, solve_cost=cost,
+                              hook_flops_per_token=flops))
+    return units

@@ -1,8 +1,9 @@
 """The data-aware init in the memory and cost model: memory per GPU, passes, wire bytes, wall time.
 
-One accounting with the engine: the statistics of a module are `engine.stats.slot_shapes` of the
-method's `stats_needed`, in the method's statistics dtype; the solve workspace is the method's
-`workspace_bytes`; the solve cost is its `cost`; owners and passes come from `engine.passes`.
+One accounting with the engine: the units' bytes come from `engine.passes.unit_costs` (the
+statistics of a module are `engine.stats.slot_shapes` of the method's `stats_needed`, in the
+method's statistics dtype; the solve workspace is the method's `workspace_bytes`; the solve cost
+is its `cost`); owners and passes come from `engine.passes.plan_passes`.
 
 Units (as the engine forms them): modules reading the same input share Σxᵀx and one owner. For the
 Llama family: {q,k,v}_proj, o_proj, {gate,up}_proj, down_proj per layer.
@@ -39,14 +40,12 @@ from typing import Dict, List, Optional
 
 import torch
 
-from ..engine.methods import WEIGHT, get_method
-from ..engine.passes import UnitCost, plan_passes
-from ..engine.stats import slot_shapes
+from ..engine.methods import get_method
+from ..engine.passes import plan_passes, unit_costs
 from ..errors import ConfigError, MemoryConfigError
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 INPUT_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-CHUNK = 512  # positions converted to the statistics dtype at a time (engine.stats.Collector.CHUNK)
 
 
 @dataclass(frozen=True)
@@ -125,40 +124,15 @@ def _itemsize(name: str) -> int:
 
 
 def init_units(modules, spec: InitSpec, world: int):
-    """(UnitCost list, hook FLOPs per token per unit) for the sharded design (module docstring)."""
+    """(UnitCost list, statistics dtype name) for the sharded design: engine.passes.unit_costs."""
     method = get_method(spec.method)
     opts = method.resolve_options(spec.options)
-    stats = method.stats_needed(opts) if method.needs_data else frozenset()
-    stats = stats - {WEIGHT}
     s_name = spec.stats_dtype or {torch.float64: "float64"}.get(method.stats_dtype, "float32")
-    s_b, w_b, c_b = _itemsize(s_name), _itemsize(spec.solve_dtype), _itemsize(spec.compute_dtype)
-    needs_x = bool(stats)
-    needs_d = method.needs_backward and bool(stats)
-    T = spec.micro_batch * spec.seq_len
-    steps = math.ceil(spec.samples / (world * spec.micro_batch))
-    groups: Dict[str, list] = {}
-    for name, d_out, d_in, group in modules:
-        groups.setdefault(group, []).append((name, d_out, d_in))
-    units, hook = [], {}
-    for g, mods in groups.items():
-        d_in = mods[0][2]
-        sb, ws, wb, cost, flops = 0, 0, 0, 0.0, 0
-        for name, d_out, _ in mods:
-            shapes = slot_shapes(stats, d_out, d_in, name == g)
-            elems = sum(math.prod(s) for s in shapes.values())
-            sb += elems * s_b
-            conv = elems * w_b if s_b != w_b else 0  # the solve's .to(solve dtype) copies
-            ws = max(ws, method.workspace_bytes(d_out, d_in, spec.r, opts, w_b) + conv)
-            wb += d_out * d_in * w_b if WEIGHT in method.needs else 0
-            cost += method.cost(d_out, d_in, spec.r, opts)
-            flops += 2 * sum(math.prod(s) for k, s in shapes.items() if k != "sum")
-        row = (d_in if needs_x else 0) + (sum(m[1] for m in mods) if needs_d else 0)
-        row_bytes = row * c_b + (9 if needs_d else 0)  # + float64 weight and bool mask per token
-        inflight = (world + 1) * T * row_bytes + CHUNK * row * s_b if row else 0
-        units.append(UnitCost(g, stats_bytes=sb, workspace_bytes=ws, weight_bytes=wb, inflight_bytes=inflight,
-                              wire_bytes=steps * T * row_bytes, solve_cost=cost))
-        hook[g] = flops
-    return units, hook, s_name
+    units = unit_costs(modules, method, opts, spec.r, world=world, tokens_per_step=spec.micro_batch * spec.seq_len,
+                       steps_per_rank=math.ceil(spec.samples / (world * spec.micro_batch)),
+                       stats_itemsize=_itemsize(s_name), solve_itemsize=_itemsize(spec.solve_dtype),
+                       compute_itemsize=_itemsize(spec.compute_dtype))
+    return units, s_name
 
 
 @dataclass
@@ -197,7 +171,7 @@ def init_cost(mplan, config, spec: InitSpec, epoch_samples: int = 100_000, rates
     method = get_method(spec.method)
     data = method.needs_data
     modules = adapted_modules(config, mplan.spec.target_modules)
-    units, hook, s_name = init_units(modules, spec, N)
+    units, s_name = init_units(modules, spec, N)
     act = 0
     if data:
         act = int(mplan.profile.act_peak(spec.micro_batch) * spec.seq_len / mplan.spec.seq_len)
@@ -210,7 +184,7 @@ def init_cost(mplan, config, spec: InitSpec, epoch_samples: int = 100_000, rates
         plan = plan_passes(units, N, budget)
     except ConfigError as e:
         raise MemoryConfigError(str(e)) from None
-    seconds = _seconds(plan, units, hook, spec, s_name, mplan, method, rates, data)
+    seconds = _seconds(plan, units, spec, s_name, mplan, method, rates, data)
     f = 4 + (2 if mplan.spec.checkpointing else 0)
     epoch = f * mplan.params.total * epoch_samples * mplan.spec.seq_len / (N * rates.bf16_tflops * 1e12 * rates.mfu)
     total = sum(seconds.values())
@@ -232,7 +206,7 @@ def init_cost(mplan, config, spec: InitSpec, epoch_samples: int = 100_000, rates
     return InitCost(summary, plan)
 
 
-def _seconds(plan, units, hook, spec, s_name, mplan, method, rates: Rates, data: bool) -> Dict[str, float]:
+def _seconds(plan, units, spec, s_name, mplan, method, rates: Rates, data: bool) -> Dict[str, float]:
     """Predicted seconds per part (module docstring)."""
     N = plan.world
     tokens = spec.samples * spec.seq_len
@@ -242,7 +216,7 @@ def _seconds(plan, units, hook, spec, s_name, mplan, method, rates: Rates, data:
         f = 4 + (2 if mplan.spec.checkpointing else 0) if method.needs_backward else 2
         calib = plan.n_passes * f * mplan.params.total * tokens / (N * rates.bf16_tflops * 1e12 * rates.mfu)
         rate = rates.gemm_tflops[spec.hook_dtype or s_name] * 1e12 * rates.gemm_efficiency
-        hooks = max(sum(hook[u] for u in hook if plan.owner[u] == r) for r in range(N)) * tokens / rate
+        hooks = max(sum(u.hook_flops_per_token for u in units if plan.owner[u.name] == r) for r in range(N)) * tokens / rate
     solve_rate = rates.gemm_tflops[spec.solve_dtype] * 1e12 * rates.solve_efficiency
     cost = {u.name: u.solve_cost for u in units}
     solves = max(sum(2 * cost[u] for u in cost if plan.owner[u] == r) for r in range(N)) / solve_rate
