@@ -512,3 +512,26 @@ def check_ds_config(ds_config: dict, config, groups: list) -> None:
                 f"zero_allow_untested_optimizer: ZeRO stage {stage} takes LoRA-Pro's torch SGD inner step "
                 "only with \"zero_allow_untested_optimizer\": true")
     check_scheduler(ds_config, groups)
+
+
+def lora_pro_moment_bytes(shapes, world: int, moments_dtype: str = "float32") -> dict:
+    """Memory of LoRA-Pro's full-size moments under the owner plan `LoRAPro` builds.
+
+    shapes: (name, d_out, d_in) per adapted layer. Each layer's M and V (2·d_out·d_in elements of
+    `moments_dtype`) sit on its LPT owner. Returns {"total": bytes over all ranks, "per_rank": list,
+    "max_rank": the largest, "transient": the step's float32 full-size temporaries on a rank
+    (3·d_out·d_in of its largest layer)}. The memory tool adds this to the optimizer states.
+    """
+    from .engine.plan import OwnerPlan, Unit
+
+    size = torch.empty((), dtype=getattr(torch, moments_dtype)).element_size()
+    shapes = list(shapes)
+    plan = OwnerPlan.build([Unit(n, [n], float(o * i)) for n, o, i in shapes], world)
+    per_rank = [0] * world
+    largest = [0] * world
+    for n, o, i in shapes:
+        r = plan.owner[n]
+        per_rank[r] += 2 * o * i * size
+        largest[r] = max(largest[r], o * i)
+    return {"total": sum(per_rank), "per_rank": per_rank, "max_rank": max(per_rank),
+            "transient": 3 * 4 * max(largest)}

@@ -425,3 +425,100 @@ def test_every_rule_same_trajectory_distributed(tmp_path, tiny_llama_dir, plain_
     assert runs["pro"]["owners"] == [0, 1]
     mb = runs["pro"]["moment_bytes"]
     assert min(mb) > 0 and sum(mb) == plain_runs["pro"]["moment_bytes"]
+
+
+# ---- LoRA-Pro: resume, raw-gradient clipping, ds_config checks, moment accounting ------------------
+def _pro_loop(model_dir, steps, pro=None, opt=None, model=None, max_grad_norm=None, start=0):
+    if model is None:
+        model, cfg = W.build("pro", model_dir)
+        opt = ur.inner_optimizer(ur.param_groups(model, cfg, 5e-3))
+        pro = ur.LoRAPro(model, max_grad_norm=max_grad_norm)
+    for ids in W.global_batches()[start:start + steps]:
+        for mb in ids.split(W.MICRO):
+            (model(input_ids=mb, labels=mb).loss / 2).backward()
+        pro.adjust_gradients()
+        opt.step()
+        opt.zero_grad()
+    return model, pro, opt
+
+
+def _adapters(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def test_lora_pro_resumes_onto_the_same_trajectory(tiny_llama_dir, tmp_path):
+    full, _, _ = _pro_loop(tiny_llama_dir, 5)
+    part, pro, _ = _pro_loop(tiny_llama_dir, 3)
+    torch.save(pro.state_dict(), tmp_path / "pro.pt")
+    ld.save_adapter(part, str(tmp_path / "ad"))
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    ld.load_adapter(model, str(tmp_path / "ad"))
+    resumed = ur.LoRAPro(model)
+    resumed.load_state_dict(torch.load(tmp_path / "pro.pt"))
+    assert resumed.t == 3 and set(resumed.M) == set(pro.M)
+    opt = ur.inner_optimizer(ur.param_groups(model, model.lora_dist_config, 5e-3))
+    _pro_loop(tiny_llama_dir, 2, resumed, opt, model, start=3)
+    a, b = _adapters(model), _adapters(full)
+    assert max(float((a[k] - b[k]).norm() / b[k].norm()) for k in b) < 1e-6
+    fresh = ur.LoRAPro(model)  # without the moments the trajectory would differ: the state matters
+    fresh.world = 2
+    with pytest.raises(ld.ConfigError, match="same world size"):
+        fresh.load_state_dict(resumed.state_dict())
+
+
+def test_lora_pro_max_grad_norm_clips_raw_gradients(tiny_llama_dir):
+    """LoRAPro(max_grad_norm) = the rule applied to raw gradients clipped by torch first."""
+    model, pro, _ = _pro_loop(tiny_llama_dir, 3, max_grad_norm=1e-3)
+    assert pro.last_grad_norm > 1e-3  # the clip acted
+    ref, cfg = W.build("pro", tiny_llama_dir)
+    opt = ur.inner_optimizer(ur.param_groups(ref, cfg, 5e-3))
+    plain = ur.LoRAPro(ref)
+    for ids in W.global_batches()[:3]:
+        for mb in ids.split(W.MICRO):
+            (ref(input_ids=mb, labels=mb).loss / 2).backward()
+        torch.nn.utils.clip_grad_norm_([p for p in ref.parameters() if p.requires_grad], 1e-3)
+        plain.adjust_gradients()
+        opt.step()
+        opt.zero_grad()
+    a, b = _adapters(model), _adapters(ref)
+    assert max(float((a[k] - b[k]).norm() / b[k].norm()) for k in b) < 1e-5
+    unclipped, _, _ = _pro_loop(tiny_llama_dir, 3)
+    c = _adapters(unclipped)
+    assert max(float((a[k] - c[k]).norm() / c[k].norm()) for k in c) > 1e-3
+    with pytest.raises(ld.ConfigError, match="max_grad_norm"):
+        ur.LoRAPro(ref, max_grad_norm=0)
+
+
+@pytest.mark.parametrize("ds,needle", [
+    ({"gradient_clipping": 0, "optimizer": {"type": "AdamW"}}, "optimizer \\(type 'AdamW'\\)"),
+    ({"zero_optimization": {"stage": 3}}, "gradient_clipping = 1.0 \\(DeepSpeed default\\)"),
+    ({"gradient_clipping": 0.5}, "gradient_clipping = 0.5"),
+    ({"gradient_clipping": 0, "zero_optimization": {"stage": 2}}, "zero_allow_untested_optimizer"),
+])
+def test_check_ds_config_refuses_what_lora_pro_cannot_run_under(ds, needle):
+    from lora_dist.errors import DeepSpeedConfigError
+    cfg = ld.AdapterConfig(update_rule="lora_pro")
+    with pytest.raises(DeepSpeedConfigError, match=needle):
+        ur.check_ds_config(ds, cfg, [{"lr_ratio": 1.0}])
+    ur.check_ds_config(ds, ld.AdapterConfig(update_rule="lora_pro", update_options={"moments": "none"}),
+                       [{"lr_ratio": 1.0}])  # the light variant keeps the configured optimizer
+    ur.check_ds_config({"gradient_clipping": 0, "zero_allow_untested_optimizer": True,
+                        "zero_optimization": {"stage": 3}}, cfg, [{"lr_ratio": 1.0}])
+
+
+def test_lora_pro_moment_accounting_matches_what_it_holds(plain_runs, tiny_llama_dir):
+    from transformers import AutoConfig
+    from lora_dist.memory.activations import load_preset
+    from lora_dist.memory.init_cost import adapted_modules
+    tiny = AutoConfig.from_pretrained(tiny_llama_dir)
+    shapes = [(n, o, i) for n, o, i, _ in adapted_modules(tiny, W.TARGETS)]
+    one = ur.lora_pro_moment_bytes(shapes, 1)
+    assert one["total"] == plain_runs["pro"]["moment_bytes"]
+    two = ur.lora_pro_moment_bytes(shapes, 2)
+    assert two["total"] == one["total"] and two["max_rank"] < one["total"]
+    cfg = load_preset("llama2-70b")
+    allx = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    m = ur.lora_pro_moment_bytes([(n, o, i) for n, o, i, _ in adapted_modules(cfg, allx)], 16)
+    elems = 80 * (2 * 8192 * 8192 + 2 * 1024 * 8192 + 3 * 28672 * 8192)
+    assert m["total"] == 8 * elems and m["max_rank"] <= 1.01 * m["total"] / 16
