@@ -95,3 +95,28 @@ def test_plan_prints_and_serializes():
     assert d["stats_bytes_total"] == sum(u.stats_bytes for u in _units(1))
     text = str(plan)
     assert f"{plan.n_passes} pass(es)" in text and "rank 0" in text
+
+
+def test_unit_costs_written_out():
+    from lora_dist.engine.methods import get_method
+    from lora_dist.engine.passes import unit_costs
+    mods = [("q", 6, 4, "q"), ("k", 2, 4, "q"), ("v", 2, 4, "q"), ("down", 4, 10, "down")]
+    kw = dict(world=3, tokens_per_step=5, steps_per_rank=7, stats_itemsize=8, solve_itemsize=8, compute_itemsize=2)
+    da = get_method("lora_da")
+    qkv, down = unit_costs(mods, da, da.resolve_options({}), 2, **kw)
+    # LoRA-DA: Σxᵀx + Σx once per group, g and diag G per module, float64
+    assert qkv.stats_bytes == 8 * ((16 + 4) + (6 * 4 + 6) + 2 * (2 * 4 + 2))
+    assert down.stats_bytes == 8 * ((100 + 10) + (4 * 10 + 4))
+    assert qkv.workspace_bytes == 8 * (2 * 16 + 2 * 4 * 6)             # the widest module's solve
+    row = 4 + 6 + 2 + 2                                                  # x and the three δ
+    assert qkv.wire_bytes == 7 * 5 * (2 * row + 9)
+    assert qkv.inflight_bytes == 4 * 5 * (2 * row + 9) + 512 * row * 8
+    assert qkv.hook_flops_per_token == 2 * (16 + 6 * 4 + 6 + 2 * (2 * 4 + 2))
+    assert qkv.weight_bytes == 0 and qkv.solve_cost == sum(da.cost(o, 4, 2) for _, o, _, _ in mods[:3])
+    eva = get_method("eva")                                              # forward-only: x rows, no δ
+    qkv, down = unit_costs(mods, eva, eva.resolve_options({}), 2, **kw)
+    assert qkv.stats_bytes == 8 * (16 + 4) and qkv.wire_bytes == 7 * 5 * 2 * 4
+    pissa = get_method("pissa")                                          # weight-only: W, no rows
+    qkv, down = unit_costs(mods, pissa, pissa.resolve_options({}), 2, **kw)
+    assert qkv.stats_bytes == qkv.wire_bytes == qkv.inflight_bytes == 0
+    assert qkv.weight_bytes == 8 * (6 + 2 + 2) * 4
