@@ -27,7 +27,7 @@ def _check_positive(method: str, key: str, v) -> None:
 
 
 def _singular_workspace(d_out, d_in, r, opts, itemsize) -> int:
-    """top_singular's buffers: a full SVD's factors (d_out·k + k·d_in + k², k = min), or with niter
+    """singular_triplets' buffers: a full SVD's factors (d_out·k + k·d_in + k², k = min), or with niter
     svd_lowrank's few (d_out + d_in)·q blocks (q ≤ 4r, as its callers ask)."""
     k = min(d_out, d_in)
     if opts.get("niter") is None:
