@@ -1,0 +1,90 @@
+"""The HF route on real ranks (ZeRO-3, CPU, gloo), several Trainer runs in one launch.
+
+    deepspeed --num_gpus 2 tests/workers/hf_route.py OUT MODEL_DIR
+
+Runs, each a fresh SFTConfig + zero.Init model + SFTTrainer in this process:
+  da/           launch/train_hf.py, LoRA-DA, 5 steps, checkpoint at 3; logits of the trained model
+                on a fixed batch in da/logits.pt;
+  pissa/        launch/train_hf.py, PiSSA (rewrites W), 4 steps, checkpoint at 2; logits likewise;
+  pissa_resume/ the pissa run's checkpoint-2 copied in, then `--resume`;
+  snippet/      the README's "From an HF Trainer or TRL script" code block, exec'd as written
+                (DeepSpeed's process group is already up: on CPU ranks Accelerate would count a world
+                of one otherwise; a GPU script needs nothing).
+The pytest side (tests/test_hf.py) checks the files against independent computations.
+"""
+import os
+import re
+import shutil
+import sys
+
+import torch
+import torch.distributed as dist
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "launch"))
+sys.path.insert(0, REPO)
+
+import train_hf  # noqa: E402
+from lora_dist.job.distributed import init_distributed  # noqa: E402
+
+COMMON = ["--ds_config", os.path.join(REPO, "ds_configs", "zero3.json"), "--batch_size", "4",
+          "--micro_batch_size", "2", "--eval_size", "8", "--eval_every", "100", "--init_samples", "16",
+          "--max_seq_len", "64", "--adapter", "lora", "--r", "4", "--alpha", "8",
+          "--target_modules", "q_proj,v_proj,down_proj"]
+
+
+def probe_batch(vocab: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(123)
+    return torch.randint(1, vocab, (2, 12), generator=g)
+
+
+def save_logits(trainer, path):
+    model = trainer.model
+    model.eval()
+    ids = probe_batch(model.config.vocab_size)
+    with torch.no_grad():  # every rank runs the forward: ZeRO-3 gathers each layer for it
+        logits = model(input_ids=ids).logits.float()
+    if dist.get_rank() == 0:
+        torch.save({"input_ids": ids, "logits": logits}, path)
+
+
+def run(out, model_dir, name, *extra):
+    return train_hf.main([*COMMON, "--model", model_dir, "--output_dir", os.path.join(out, name), *extra])
+
+
+def readme_snippet() -> str:
+    text = open(os.path.join(REPO, "README.md")).read()
+    section = text.split("## From an HF Trainer or TRL script", 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def main():
+    out, model_dir = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    init_distributed()
+    rank = dist.get_rank()
+
+    trainer = run(out, model_dir, "da", "--init", "lora_da", "--max_steps", "5", "--save_every", "3")
+    save_logits(trainer, os.path.join(out, "da", "logits.pt"))
+
+    trainer = run(out, model_dir, "pissa", "--init", "pissa", "--max_steps", "4", "--save_every", "2")
+    save_logits(trainer, os.path.join(out, "pissa", "logits.pt"))
+
+    if rank == 0:  # a run that stopped after its step-2 checkpoint
+        shutil.copytree(os.path.join(out, "pissa", "checkpoint-2"), os.path.join(out, "pissa_resume", "checkpoint-2"))
+    dist.barrier()
+    trainer = run(out, model_dir, "pissa_resume", "--init", "pissa", "--max_steps", "4", "--save_every", "2",
+                  "--resume")
+    save_logits(trainer, os.path.join(out, "pissa_resume", "logits.pt"))
+
+    # the README snippet, in a directory holding the ds_configs/ it names
+    snippet_dir = os.path.join(out, "snippet")
+    if rank == 0:
+        shutil.copytree(os.path.join(REPO, "ds_configs"), os.path.join(snippet_dir, "ds_configs"))
+    dist.barrier()
+    os.chdir(snippet_dir)
+    exec(compile(readme_snippet(), "README.md snippet", "exec"), {"__name__": "__snippet__"})
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
