@@ -417,27 +417,34 @@ class LoRAPro:
         return self.plan.owner[name]
 
     def adjust_gradients(self) -> None:
-        """Rewrite every adapted layer's (g_A, g_B) with LoRA-Pro's (collective)."""
+        """Rewrite every adapted layer's (g_A, g_B) with LoRA-Pro's (collective).
+
+        Three passes, so that the owners' full-size work runs on all ranks at once rather than
+        layer after layer: (1) read each layer's reduced gradients and full factors (collective),
+        each rank keeping the layers it owns; (2) each owner runs the rule on its layers;
+        (3) per layer, the owner broadcasts the r-sized results and every rank writes them.
+        """
         from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
         from .zero import rank
 
         self.t += 1
-        c, me = self.config, rank()
-        opts = dict(delta=float(c.update_option("delta")))
+        me, delta = rank(), float(self.config.update_option("delta"))
         coef = self._clip_coef()
+        kept, shapes = {}, {}
         for name, m in self.layers:
             gA, gB = safe_get_full_grad(m.lora_A), safe_get_full_grad(m.lora_B)
             if gA is None or gB is None:
                 raise ConfigError(f"LoRAPro.adjust_gradients: {name} has no gradient; call it after backward")
-            if coef < 1.0:
-                gA, gB = gA * coef, gB * coef
+            shapes[name] = (gA.shape, gB.shape, gA.dtype, gB.dtype, gA.device)
             A, B = _full_value(m.lora_A), _full_value(m.lora_B)
-            if not self.full:
-                a, b = lora_pro_adjust(gA.double(), gB.double(), A, B, m.scaling, self.t, **opts)
-            else:
-                a, b = self._owned_step(name, m, gA, gB, A, B, me == self.owner(name), opts)
-            safe_set_full_grad(m.lora_A, a.to(gA.dtype).to(gA.device))
-            safe_set_full_grad(m.lora_B, b.to(gB.dtype).to(gB.device))
+            if not self.full or me == self.owner(name):
+                kept[name] = (gA.double() * coef, gB.double() * coef, A, B)
+        results = {name: self._rule(name, m, *kept[name], delta) for name, m in self.layers if name in kept}
+        for name, m in self.layers:
+            sA, sB, dA, dB, dev = shapes[name]
+            a, b = results[name] if not self.full else self._broadcast(name, results.get(name), sA, sB, dev)
+            safe_set_full_grad(m.lora_A, a.to(device=dev, dtype=dA))
+            safe_set_full_grad(m.lora_B, b.to(device=dev, dtype=dB))
 
     def _clip_coef(self) -> float:
         """min(1, max_grad_norm/(‖g_raw‖+1e-6)) over every adapted layer's raw gradients (a first,
@@ -453,20 +460,27 @@ class LoRAPro:
         self.last_grad_norm = math.sqrt(sq)
         return min(1.0, self.max_grad_norm / (self.last_grad_norm + 1e-6))
 
-    def _owned_step(self, name, m, gA, gB, A, B, mine: bool, opts):
-        """The full rule on the owner; its r-sized results broadcast to every rank."""
-        buf = torch.empty(gA.numel() + gB.numel(), dtype=torch.float64, device=gA.device)
-        if mine:
-            c = self.config
-            a, b, self.M[name], self.V[name] = lora_pro_step(
-                gA.double(), gB.double(), A, B, m.scaling, self.M.get(name), self.V.get(name), self.t,
-                betas=tuple(c.update_option("betas")), eps=float(c.update_option("eps")),
-                moments_dtype=self.moments_dtype, **opts)
-            buf.copy_(torch.cat([a.reshape(-1), b.reshape(-1)]))
+    def _rule(self, name, m, gA, gB, A, B, delta):
+        """This rank's part for one layer: the light adjustment, or the full rule with its moments."""
+        if not self.full:
+            return lora_pro_adjust(gA, gB, A, B, m.scaling, self.t, delta=delta)
+        c = self.config
+        a, b, self.M[name], self.V[name] = lora_pro_step(
+            gA, gB, A, B, m.scaling, self.M.get(name), self.V.get(name), self.t,
+            betas=tuple(c.update_option("betas")), eps=float(c.update_option("eps")), delta=delta,
+            moments_dtype=self.moments_dtype)
+        return a, b
+
+    def _broadcast(self, name, result, sA, sB, device):
+        """The owner's (g_A′, g_B′) on every rank (one float64 buffer of r·(d_in+d_out))."""
+        nA = sA.numel()
+        buf = torch.empty(nA + sB.numel(), dtype=torch.float64, device=device)
+        if result is not None:
+            buf.copy_(torch.cat([result[0].reshape(-1), result[1].reshape(-1)]))
         if self.world > 1:
             import torch.distributed as dist
             dist.broadcast(buf, src=self.owner(name))
-        return buf[: gA.numel()].view_as(gA), buf[gA.numel():].view_as(gB)
+        return buf[:nA].view(sA), buf[nA:].view(sB)
 
     def moment_bytes(self) -> int:
         """Bytes of the moments this rank holds (after the first step)."""

@@ -11,8 +11,12 @@ WarmupCosineLR and a per-group WarmupDecayLR schedule, where the effective LR of
 −⟨Δθ, g⟩/⟨g, g⟩, is recorded at every step.
 """
 import argparse
+import json
 import os
+import resource
+import statistics
 import sys
+import time
 
 import torch
 
@@ -130,8 +134,9 @@ def run_case(case, model_dir, stage=3, use_ds=True, dtype=torch.float32):
         ur.attach_update_rule(target)
     pro = ur.LoRAPro(target) if cfg.update_rule == "lora_pro" else None
     params = [p for _, p in named]
-    traj, eff, losses = [], [], []
+    traj, eff, losses, times = [], [], [], []
     for ids in global_batches():
+        t0 = time.perf_counter()
         mine = ids[rank * GLOBAL // world:(rank + 1) * GLOBAL // world]
         micros = mine.split(MICRO) if not use_ds else [mine]
         for mb in micros:
@@ -154,10 +159,11 @@ def run_case(case, model_dir, stage=3, use_ds=True, dtype=torch.float32):
             if sched is not None:
                 sched.step()
             opt.zero_grad()
+        times.append(time.perf_counter() - t0)
         traj.append(read_full(params))
         if cfg.loraplus_lr_ratio:
             eff.append(effective_lrs(groups_of, grads, before, traj[-1]))
-    out = {"names": [n for n, _ in named], "traj": traj, "eff_lr": eff, "losses": losses}
+    out = {"names": [n for n, _ in named], "traj": traj, "eff_lr": eff, "losses": losses, "times": times}
     if pro is not None:
         out["moment_bytes"] = pro.moment_bytes()
         out["owners"] = sorted(set(pro.plan.owner.values()))
@@ -171,7 +177,14 @@ def main():
     p.add_argument("--stage", type=int, default=3)
     p.add_argument("--cases", default=",".join(CASES))
     p.add_argument("--local_rank", type=int, default=0)
+    p.add_argument("--bench", type=int, default=0,
+                   help="benchmark: this many steps of global batch 8 × 128 tokens, all-linear targets; "
+                        "prints median step time and this process's peak RSS (one case per launch)")
     args = p.parse_args()
+    global STEPS, GLOBAL, SEQ, MICRO, TARGETS
+    if args.bench:
+        STEPS, GLOBAL, SEQ, MICRO = args.bench, 8, 128, 4
+        TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
     import deepspeed
     import torch.distributed as dist
@@ -186,6 +199,12 @@ def main():
             dist.all_gather(allb, mb)
             res["moment_bytes"] = [float(x) for x in allb]
         results[case] = res
+        if args.bench and dist.get_rank() == 0:
+            print("BENCH " + json.dumps({
+                "case": case, "world": dist.get_world_size(), "stage": args.stage,
+                "median_step_s": statistics.median(res["times"][1:]),
+                "peak_rss_mib_rank0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "moment_bytes": res.get("moment_bytes")}), flush=True)
     if dist.get_rank() == 0:
         os.makedirs(args.out, exist_ok=True)
         torch.save(results, os.path.join(args.out, "trajectories.pt"))
