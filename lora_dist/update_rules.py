@@ -183,7 +183,8 @@ def attach_update_rule(model_or_engine, config=None) -> RuleHandle:
     micro-batch's g_B to s⁻²·g_B·P_A before it is accumulated or reduced. Because the map is linear,
     the reduced, accumulated gradient is exactly the projection of the reduced one, on any world size.
     Call it after `initialize_adapters`/`load_adapter` (A final), before the first backward.
-    plain: nothing to install. lora_pro: see docs/update_rules.md (not installed by this function).
+    plain: nothing to install. lora_pro: a ConfigError pointing to `LoRAPro` (it acts between
+    backward and step).
     """
     from .adapters import adapter_modules
     from .zero import read_full, unwrap_engine
@@ -197,8 +198,9 @@ def attach_update_rule(model_or_engine, config=None) -> RuleHandle:
         old.remove()
     handle = RuleHandle(config.update_rule, config.scaling)
     if config.update_rule == "lora_pro":
-        raise ConfigError("attach_update_rule: update_rule='lora_pro' acts between backward and step, "
-                          "not in backward; it is not available through attach_update_rule (docs/update_rules.md)")
+        raise ConfigError("attach_update_rule: update_rule='lora_pro' acts between backward and step, not in "
+                          "backward: use pro = LoRAPro(engine) and call pro.adjust_gradients() before each "
+                          "optimizer step (docs/update_rules.md)")
     if config.update_rule == "lora_fa":
         delta = float(config.update_option("delta"))
         for name, m in adapter_modules(module):

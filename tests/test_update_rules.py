@@ -522,3 +522,13 @@ def test_lora_pro_moment_accounting_matches_what_it_holds(plain_runs, tiny_llama
     m = ur.lora_pro_moment_bytes([(n, o, i) for n, o, i, _ in adapted_modules(cfg, allx)], 16)
     elems = 80 * (2 * 8192 * 8192 + 2 * 1024 * 8192 + 3 * 28672 * 8192)
     assert m["total"] == 8 * elems and m["max_rank"] <= 1.01 * m["total"] / 16
+
+
+def test_attach_points_lora_pro_to_LoRAPro_and_plain_installs_nothing():
+    model = _tiny_with("lora", update_rule="lora_pro")
+    with pytest.raises(ld.ConfigError, match="LoRAPro"):
+        ur.attach_update_rule(model)
+    plain = _tiny_with("lora")
+    assert ur.attach_update_rule(plain).hooks == []
+    with pytest.raises(ld.ConfigError, match="update_rule must be 'lora_pro'"):
+        ur.LoRAPro(plain)
