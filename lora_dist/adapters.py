@@ -141,8 +141,13 @@ class LoRALinear(AdapterLinear):
         self.kind = "lora_fa" if freeze_A else "lora"
         self.lora_A = self._new(r, self.in_features, value=A_init, fill=0.0, trainable=not freeze_A)
         self.lora_B = self._new(self.out_features, r, fill=0.0)
+        # An update rule that must see both gradients of one micro-batch together (LoRA-Pro's light
+        # variant) replaces the branch with its autograd Function: f(x, A, B, s) -> s·x·Aᵀ·Bᵀ.
+        self.grad_rule = None
 
     def adapter_forward(self, x):
+        if self.grad_rule is not None:
+            return self.grad_rule(x, self.lora_A, self.lora_B, self.scaling)
         return self.scaling * F.linear(F.linear(x, self.lora_A), self.lora_B)
 
     def plain_factors(self):

@@ -155,10 +155,14 @@ class RuleHandle:
         self.scaling = scaling
         self.hooks = []
         self.layers = {}  # B parameter -> (G_A, P_A)
+        self.light = []  # modules whose branch runs LoRA-Pro's light Function
 
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
+        for m in self.light:
+            m.grad_rule = None
+        self.light = []
         self.hooks.clear()
         self.layers.clear()
 
@@ -183,8 +187,10 @@ def attach_update_rule(model_or_engine, config=None) -> RuleHandle:
     micro-batch's g_B to s⁻²·g_B·P_A before it is accumulated or reduced. Because the map is linear,
     the reduced, accumulated gradient is exactly the projection of the reduced one, on any world size.
     Call it after `initialize_adapters`/`load_adapter` (A final), before the first backward.
-    plain: nothing to install. lora_pro: a ConfigError pointing to `LoRAPro` (it acts between
-    backward and step).
+    lora_pro with moments="none" (the light variant): each layer's adapter branch runs
+    `_LoRAProLight`, whose backward returns the adjusted (g_A′, g_B′) of the micro-batch.
+    plain: nothing to install. lora_pro with full moments: a ConfigError pointing to `LoRAPro`
+    (it acts between backward and step).
     """
     from .adapters import adapter_modules
     from .zero import read_full, unwrap_engine
@@ -197,7 +203,12 @@ def attach_update_rule(model_or_engine, config=None) -> RuleHandle:
     if old is not None:  # attaching twice would project twice
         old.remove()
     handle = RuleHandle(config.update_rule, config.scaling)
-    if config.update_rule == "lora_pro":
+    if config.update_rule == "lora_pro" and config.update_option("moments") == "none":
+        rule = _light_rule(float(config.update_option("delta")))
+        for _, m in adapter_modules(module):
+            m.grad_rule = rule
+        handle.light = [m for _, m in adapter_modules(module)]
+    elif config.update_rule == "lora_pro":
         raise ConfigError("attach_update_rule: update_rule='lora_pro' acts between backward and step, not in "
                           "backward: use pro = LoRAPro(engine) and call pro.adjust_gradients() before each "
                           "optimizer step (docs/update_rules.md)")
@@ -216,6 +227,43 @@ def attach_update_rule(model_or_engine, config=None) -> RuleHandle:
             handle.hooks.append(m.lora_B.register_hook(_fa_hook(P, config.scaling)))
     module._lora_dist_rule = handle
     return handle
+
+
+class _LoRAProLight(torch.autograd.Function):
+    """The adapter branch y = s·(x·Aᵀ)·Bᵀ whose backward returns LoRA-Pro's adjusted gradients.
+
+    Backward forms the micro-batch's raw g_B = s·Σ gyᵀ·(x·Aᵀ) and g_A = s·Σ (gy·B)ᵀ·x together and
+    returns Adjust(g_A, g_B) (`lora_pro_adjust`, float64 inner math). For fixed A and B the map is
+    linear, so the sum over micro-batches and ranks that follows equals the adjustment of the
+    reduced gradient. x's gradient is the plain s·gy·B·A.
+    """
+
+    @staticmethod
+    def forward(ctx, x, A, B, scaling, delta):
+        h = torch.nn.functional.linear(x, A)
+        ctx.save_for_backward(x, A, B)
+        ctx.scaling, ctx.delta = scaling, delta
+        return scaling * torch.nn.functional.linear(h, B)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, A, B = ctx.saved_tensors
+        s = ctx.scaling
+        gyB = gy @ B  # (..., r)
+        gx = s * (gyB @ A)
+        cd = torch.promote_types(x.dtype, torch.float32)  # raw gradients in float32 at least
+        x2 = x.reshape(-1, x.shape[-1]).to(cd)
+        gy2, gyB2 = gy.reshape(-1, gy.shape[-1]).to(cd), gyB.reshape(-1, B.shape[1]).to(cd)
+        gB = s * (gy2.T @ (x2 @ A.to(cd).T))
+        gA = s * (gyB2.T @ x2)
+        a, b = _adjust(gA, gB, A, B, s, ctx.delta, sylvester=True)
+        return gx, a.to(A.dtype), b.to(B.dtype), None, None
+
+
+def _light_rule(delta: float):
+    def rule(x, A, B, scaling):
+        return _LoRAProLight.apply(x, A, B, scaling, delta)
+    return rule
 
 
 def clip_grad_norm_(model, max_norm: float, order: str = "projected") -> float:
@@ -373,15 +421,16 @@ def _full_value(p: torch.Tensor) -> torch.Tensor:
 
 
 class LoRAPro:
-    """LoRA-Pro on a plain model or a DeepSpeed engine (ZeRO-0..3), between backward and step.
+    """LoRA-Pro's full rule (`lora_pro_step`, update_options.moments="full") on a plain model or a
+    DeepSpeed engine (ZeRO-0..3), between backward and step.
 
-    moments="full" (the paper's full rule, `lora_pro_step`): each layer's full-size M, V (d_out×d_in,
+    Each layer's full-size M, V (d_out×d_in,
     `moments_dtype`) live on one owner rank only, from an LPT plan over d_out·d_in (the init
     engine's OwnerPlan), so they cost total/N per rank. Per layer, every rank reads the reduced full
     g_A, g_B and full A, B (collective), the owner runs the rule, broadcasts the r-sized results, and
     every rank writes them as the gradients; the inner optimizer must be plain SGD
-    (`inner_optimizer`). moments="none" (the light variant, `lora_pro_adjust` on the raw reduced
-    gradients): every rank computes the same r-sized result; the inner optimizer is left as it is.
+    (`inner_optimizer`). The light variant (moments="none") acts inside backward instead
+    (`attach_update_rule`).
 
     Call `adjust_gradients()` on every rank after the backward that completes an accumulation
     (engine.is_gradient_accumulation_boundary()) and before the optimizer step.
@@ -401,9 +450,11 @@ class LoRAPro:
         if config is None or config.update_rule != "lora_pro":
             raise ConfigError("LoRAPro: the adapter config's update_rule must be 'lora_pro', got "
                               f"{getattr(config, 'update_rule', None)!r}")
+        if config.update_option("moments") != "full":
+            raise ConfigError("LoRAPro: update_options.moments='none' is LoRA-Pro's light variant, which acts "
+                              "inside backward: use attach_update_rule(model_or_engine) instead")
         self.config = config
         self.layers = adapter_modules(module)
-        self.full = config.update_option("moments") == "full"
         self.moments_dtype = getattr(torch, config.update_option("moments_dtype"))
         self.world = world_size()
         units = [Unit(n, [n], float(m.out_features * m.in_features)) for n, m in self.layers]
@@ -439,12 +490,12 @@ class LoRAPro:
                 raise ConfigError(f"LoRAPro.adjust_gradients: {name} has no gradient; call it after backward")
             shapes[name] = (gA.shape, gB.shape, gA.dtype, gB.dtype, gA.device)
             A, B = _full_value(m.lora_A), _full_value(m.lora_B)
-            if not self.full or me == self.owner(name):
+            if me == self.owner(name):
                 kept[name] = (gA.double() * coef, gB.double() * coef, A, B)
         results = {name: self._rule(name, m, *kept[name], delta) for name, m in self.layers if name in kept}
         for name, m in self.layers:
             sA, sB, dA, dB, dev = shapes[name]
-            a, b = results[name] if not self.full else self._broadcast(name, results.get(name), sA, sB, dev)
+            a, b = self._broadcast(name, results.get(name), sA, sB, dev)
             safe_set_full_grad(m.lora_A, a.to(device=dev, dtype=dA))
             safe_set_full_grad(m.lora_B, b.to(device=dev, dtype=dB))
 
@@ -463,9 +514,7 @@ class LoRAPro:
         return min(1.0, self.max_grad_norm / (self.last_grad_norm + 1e-6))
 
     def _rule(self, name, m, gA, gB, A, B, delta):
-        """This rank's part for one layer: the light adjustment, or the full rule with its moments."""
-        if not self.full:
-            return lora_pro_adjust(gA, gB, A, B, m.scaling, self.t, delta=delta)
+        """The full rule for one owned layer, updating its moments."""
         c = self.config
         a, b, self.M[name], self.V[name] = lora_pro_step(
             gA, gB, A, B, m.scaling, self.M.get(name), self.V.get(name), self.t,

@@ -6,7 +6,7 @@ takes the whole global batch of 4 as two micro-batches of 2 (each rank takes 2 s
 micro-batch). The trajectories (every adapter tensor after each step) must agree to 1e-5.
 
 Cases: plain LoRA (AdamW); LoRA-FA's projection in backward (AdamW); LoRA-Pro's full rule (SGD
-inner step, moments on owner ranks); LoRA-Pro light (AdamW); LoRA+ at ratio 4 with SGD under a
+inner step, moments on owner ranks); LoRA-Pro light (its autograd Function in backward, AdamW); LoRA+ at ratio 4 with SGD under a
 WarmupCosineLR and a per-group WarmupDecayLR schedule, where the effective LR of each parameter,
 −⟨Δθ, g⟩/⟨g, g⟩, is recorded at every step.
 """
@@ -130,9 +130,10 @@ def run_case(case, model_dir, stage=3, use_ds=True, dtype=torch.float32):
     else:
         target = model
         opt, sched = make_optimizer(case, groups, ds)
-    if cfg.update_rule == "lora_fa":
+    full_pro = cfg.update_rule == "lora_pro" and cfg.update_option("moments") == "full"
+    if cfg.update_rule != "plain" and not full_pro:  # LoRA-FA, LoRA-Pro light: inside backward
         ur.attach_update_rule(target)
-    pro = ur.LoRAPro(target) if cfg.update_rule == "lora_pro" else None
+    pro = ur.LoRAPro(target) if full_pro else None
     params = [p for _, p in named]
     traj, eff, losses, times = [], [], [], []
     for ids in global_batches():
