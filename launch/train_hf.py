@@ -25,11 +25,11 @@ import lora_dist.hf  # noqa: E402,F401
 from lora_dist.job import data  # noqa: E402
 from lora_dist.job.demo import resolve_model  # noqa: E402
 from lora_dist.job.ds_config import warmup_steps_from_ratio  # noqa: E402
-from train import parse_args  # noqa: E402  (launch/train.py: one set of flags for both scripts)
+from lora_dist.job.args import parse_args  # noqa: E402  (launch/train.py's flags)
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(argv, description=__doc__)
     from trl import SFTConfig, SFTTrainer
     from transformers import AutoModelForCausalLM
 
@@ -76,10 +76,7 @@ def main(argv=None):
     # model + adapters
     # -----------------------------------------------------------------------------------------
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    targets = "all-linear" if args.target_modules == "all-linear" else args.target_modules.split(",")
-    config = ld.AdapterConfig(kind=args.adapter, init=args.init, r=args.r, alpha=args.alpha,  # lora_dist
-                              use_rslora=args.use_rslora, dropout=args.dropout, target_modules=targets,
-                              init_options=args.init_options, init_samples=args.init_samples, seed=args.seed)
+    config = args.adapter_config()  # lora_dist: the AdapterConfig the flags describe
     ld.hf.prepare_model(model, config)  # lora_dist
     callback = ld.hf.LoraDistCallback(  # lora_dist: init at train begin, PEFT adapters at every save
         config, calibration, init_adapter_dir=os.path.join(args.output_dir, "adapter_init"),

@@ -117,14 +117,17 @@ def calibration_batches(calibration, micro_batch_size: int, pad_id: int,
                         collate_fn: Optional[Callable] = None) -> list:
     """This rank's shard of the calibration set as micro-batches.
 
-    `calibration`: a DataLoader (or any iterable of batch dicts): rank r takes batches r, r+world, ...;
+    `calibration`: a DataLoader (or any iterable of batch dicts): rank r takes batches r, r+world, ...,
+    or all of them when the loader's sampler is a DistributedSampler (already this rank's shard);
     or a dataset / list of tokenized samples (input_ids, labels): rank r takes samples r, r+world, ...,
     collated `micro_batch_size` at a time. Statistics are sums over samples with global normalizers,
     so the init does not depend on how samples fall to ranks or batches.
     """
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, DistributedSampler
     r, w = rank(), world_size()
-    if isinstance(calibration, DataLoader) or not hasattr(calibration, "__len__"):
+    if isinstance(getattr(calibration, "sampler", None), DistributedSampler):
+        mine = list(calibration)
+    elif isinstance(calibration, DataLoader) or not hasattr(calibration, "__len__"):
         mine = [b for i, b in enumerate(calibration) if i % w == r]
     else:
         if len(calibration) < w:

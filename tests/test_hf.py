@@ -137,6 +137,27 @@ def test_resume_from_a_trainer_checkpoint_continues_the_same_run(route):
 
 
 @pytest.mark.slow
+def test_lora_fa_rule_projects_the_gradient_deepspeed_reduces(route):
+    """LoRA-FA's g̃_B = s⁻²·g_B·(AAᵀ+δI)⁻¹ acts inside backward, so DeepSpeed's reduced gradient on
+    the HF route is the projection of the gradient of the same loss on the trained model."""
+    import lora_dist as ld
+    from transformers import AutoModelForCausalLM
+    out, model_dir = route
+    saved = torch.load(os.path.join(out, "fa", "grads.pt"))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ld.load_adapter(model, os.path.join(out, "fa", "adapter"))  # the trained state, plain torch
+    model.train()
+    model(**saved["batch"]).loss.backward()
+    s = 8.0 / 4
+    for name, m in ld.adapter_modules(model):
+        A, g = m.lora_A.detach().double(), m.lora_B.grad.double()
+        want = g @ torch.linalg.inv(A @ A.T + 1e-8 * torch.eye(4, dtype=torch.float64)) / s ** 2
+        got = saved["grads"][name].double()
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max()), (name, (got - want).abs().max())
+        assert (got - g).norm() > 0.5 * g.norm()  # and it is not the raw gradient
+
+
+@pytest.mark.slow
 def test_readme_snippet_runs_as_written(route):
     out, model_dir = route
     adapter = os.path.join(out, "snippet", "out", "adapter")
@@ -223,3 +244,10 @@ def test_calibration_batches_from_samples_or_a_loader():
     assert len(got) == 3 and all(torch.equal(g[k], w[k]) for g, w in zip(got, want) for k in w)
     loader = DataLoader(samples, batch_size=2, collate_fn=lambda b: collate(b, pad_id=0))
     assert [b["input_ids"].shape[0] for b in calibration_batches(loader, 99, pad_id=0)] == [2, 2, 2, 1]
+    # a loader already sharded by a DistributedSampler (here rank 1 of 2) is taken whole
+    from torch.utils.data import DistributedSampler
+    sharded = DataLoader(samples, batch_size=2, collate_fn=lambda b: collate(b, pad_id=0),
+                         sampler=DistributedSampler(samples, num_replicas=2, rank=1, shuffle=False))
+    got = calibration_batches(sharded, 99, pad_id=0)
+    assert torch.equal(got[0]["input_ids"], collate([samples[1], samples[3]], pad_id=0)["input_ids"])
+    assert len(got) == 2

@@ -7,6 +7,8 @@ Runs, each a fresh SFTConfig + zero.Init model + SFTTrainer in this process:
                 on a fixed batch in da/logits.pt;
   pissa/        launch/train_hf.py, PiSSA (rewrites W), 4 steps, checkpoint at 2; logits likewise;
   pissa_resume/ the pissa run's checkpoint-2 copied in, then `--resume`;
+  fa/           update_rule='lora_fa' from the library API, then DeepSpeed's reduced B gradients
+                of one more backward on a fixed batch (fa/grads.pt);
   snippet/      the README's "From an HF Trainer or TRL script" code block, exec'd as written
                 (DeepSpeed's process group is already up: on CPU ranks Accelerate would count a world
                 of one otherwise; a GPU script needs nothing).
@@ -52,6 +54,39 @@ def run(out, model_dir, name, *extra):
     return train_hf.main([*COMMON, "--model", model_dir, "--output_dir", os.path.join(out, name), *extra])
 
 
+def lora_fa_phase(out, model_dir):
+    """update_rule='lora_fa' through the library API on a plain SFTTrainer, then one more backward on
+    the Trainer's engine: DeepSpeed's reduced gradient of every B, saved for the pytest side."""
+    import lora_dist as ld
+    import lora_dist.hf  # noqa: F401
+    from deepspeed.utils import safe_get_full_grad
+    from lora_dist.job import data
+    from lora_dist.job.demo import METAMATH_TINY
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+    d = os.path.join(out, "fa")
+    tok = data.load_tokenizer(model_dir)
+    train, _ = data.build_dataset(data.load_records(METAMATH_TINY), tok, max_seq_len=64)
+    train = train.select_columns(["input_ids", "labels"]).select(range(64))
+    args = SFTConfig(output_dir=d, deepspeed=COMMON[1], max_steps=3, per_device_train_batch_size=2,
+                     max_length=None, report_to="none", bf16=False, use_cpu=True, save_strategy="no")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = ld.AdapterConfig(kind="lora_fa", init="lora_da", r=4, alpha=8.0, init_samples=16,
+                              target_modules=["q_proj", "v_proj", "down_proj"], update_rule="lora_fa")
+    ld.hf.prepare_model(model, config)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tok,
+                         callbacks=[ld.hf.LoraDistCallback(config, train.select(range(16)))])
+    trainer.train()
+    engine = trainer.model_wrapped
+    batch = data.collate([train[i] for i in range(2)], pad_id=tok.pad_token_id)  # the same on both ranks
+    engine.train()
+    engine.backward(engine(**batch).loss)
+    grads = {n: safe_get_full_grad(m.lora_B).cpu() for n, m in ld.adapter_modules(trainer.model)}
+    if dist.get_rank() == 0:
+        torch.save({"batch": batch, "grads": grads}, os.path.join(d, "grads.pt"))
+    engine.zero_grad()
+
+
 def readme_snippet() -> str:
     text = open(os.path.join(REPO, "README.md")).read()
     section = text.split("## From an HF Trainer or TRL script", 1)[1]
@@ -75,6 +110,8 @@ def main():
     trainer = run(out, model_dir, "pissa_resume", "--init", "pissa", "--max_steps", "4", "--save_every", "2",
                   "--resume")
     save_logits(trainer, os.path.join(out, "pissa_resume", "logits.pt"))
+
+    lora_fa_phase(out, model_dir)
 
     # the README snippet, in a directory holding the ds_configs/ it names
     snippet_dir = os.path.join(out, "snippet")
