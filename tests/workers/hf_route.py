@@ -7,6 +7,7 @@ Runs, each a fresh SFTConfig + zero.Init model + SFTTrainer in this process:
                 on a fixed batch in da/logits.pt;
   pissa/        launch/train_hf.py, PiSSA (rewrites W), 4 steps, checkpoint at 2; logits likewise;
   pissa_resume/ the pissa run's checkpoint-2 copied in, then `--resume`;
+  pissa_nofrozen/ the same with the frozen weights taken out of DeepSpeed's files, then `--resume`;
   fa/           update_rule='lora_fa' from the library API, then DeepSpeed's reduced B gradients
                 of one more backward on a fixed batch (fa/grads.pt);
   snippet/      the README's "From an HF Trainer or TRL script" code block, exec'd as written
@@ -14,6 +15,7 @@ Runs, each a fresh SFTConfig + zero.Init model + SFTTrainer in this process:
                 of one otherwise; a GPU script needs nothing).
 The pytest side (tests/test_hf.py) checks the files against independent computations.
 """
+import glob
 import os
 import re
 import shutil
@@ -110,6 +112,18 @@ def main():
     trainer = run(out, model_dir, "pissa_resume", "--init", "pissa", "--max_steps", "4", "--save_every", "2",
                   "--resume")
     save_logits(trainer, os.path.join(out, "pissa_resume", "logits.pt"))
+
+    # the same checkpoint without frozen weights (as `save_checkpoint(exclude_frozen_parameters=True)`
+    # leaves ZeRO-3 shards): the callback must rewrite W itself this time
+    ckpt = os.path.join(out, "pissa_nofrozen", "checkpoint-2")
+    if rank == 0:
+        shutil.copytree(os.path.join(out, "pissa", "checkpoint-2"), ckpt)
+        for f in glob.glob(os.path.join(ckpt, "global_step2", "*model_states.pt")):
+            state = torch.load(f, map_location="cpu", weights_only=False)
+            state["frozen_param_fragments"] = state["frozen_param_shapes"] = None
+            torch.save(state, f)
+    dist.barrier()
+    run(out, model_dir, "pissa_nofrozen", "--init", "pissa", "--max_steps", "4", "--save_every", "2", "--resume")
 
     lora_fa_phase(out, model_dir)
 
