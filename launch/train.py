@@ -8,11 +8,14 @@
 On CPU set DS_ACCELERATOR=cpu. Also runs under torchrun and `mpirun -np N python launch/train.py`.
 Reads top to bottom: config, distributed setup, data, model + adapters, data-aware init, loop,
 checkpoints, evaluation, adapter export. The library (lora_dist) does the heavy lifting.
+
+Every input is checked before anything is tokenized or loaded; a bad one ends the job with one
+`error: ...` line per problem from rank 0 and exit code 2 on every rank. An --output_dir holding a
+previous run is refused unless --resume (continue it) or --overwrite_output_dir (replace it).
 """
-import argparse
 import json
-import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -24,101 +27,17 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import lora_dist as ld  # noqa: E402
+from lora_dist.comm import Comm  # noqa: E402
+from lora_dist.errors import ConfigError, LoraDistError  # noqa: E402
 from lora_dist.job import checkpoint, data  # noqa: E402
-from lora_dist.job.demo import METAMATH_TINY, resolve_model  # noqa: E402
-from lora_dist.job.ds_config import DeepSpeedConfigError, prepare_ds_config, warmup_steps_from_ratio  # noqa: E402
+from lora_dist.job.args import TrainConfig, parse_args  # noqa: E402
+from lora_dist.job.demo import demo_presets, resolve_model  # noqa: E402
+from lora_dist.job.distributed import collectively, init_distributed, launch_rank  # noqa: E402
+from lora_dist.job.ds_config import first_moving_lr, prepare_ds_config, warmup_steps_from_ratio  # noqa: E402
 from lora_dist.job.evaluate import eval_exact_match, eval_loss  # noqa: E402
+from lora_dist.presets import preset_config  # noqa: E402
 
-# ---------------------------------------------------------------------------------------------
-# config: embedded defaults (a few minutes on a 2-core CPU), overridden by --config, then by flags
-# ---------------------------------------------------------------------------------------------
-DEFAULTS = dict(
-    ds_config="ds_configs/zero3.json", model="tiny-llama", data=str(METAMATH_TINY), template="auto",
-    adapter="lora_fa", init="lora_da", r=8, alpha=16.0, use_rslora=False, dropout=0.0,
-    target_modules="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", init_samples=64,
-    init_options="{}", max_seq_len=128, overlength="truncate", epochs=1, max_steps=120,
-    batch_size=16, micro_batch_size=8, lr=2e-3, warmup_ratio=0.03, weight_decay=0.0, max_grad_norm=1.0,
-    bf16=False, gradient_checkpointing=False, eval_size=64, eval_every=40, eval_generate=16,
-    save_every=40, output_dir="outputs/run", resume=False, seed=0, num_proc=None,
-)
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML or JSON file of flag values (flags given here override it)")
-    p.add_argument("--ds_config", "--deepspeed_config", dest="ds_config")
-    p.add_argument("--model", help="local HF model directory, or a built-in preset (tiny-llama, small-llama)")
-    p.add_argument("--data", help="json, jsonl, parquet file or a `datasets` save_to_disk directory")
-    p.add_argument("--template", help="auto, metamath, alpaca or commonsense")
-    p.add_argument("--adapter", choices=ld.KINDS)
-    p.add_argument("--init", choices=ld.INITS)
-    p.add_argument("--r", type=int)
-    p.add_argument("--alpha", type=float)
-    p.add_argument("--use_rslora", action="store_true", default=None)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--target_modules", help="comma-separated name patterns, or all-linear")
-    p.add_argument("--init_samples", type=int, help="calibration samples for data-aware inits")
-    p.add_argument("--init_options", help='JSON object, e.g. \'{"beta": 0.03}\'')
-    p.add_argument("--max_seq_len", type=int)
-    p.add_argument("--overlength", choices=["truncate", "filter"])
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max_steps", type=int, help="optimizer steps (<= 0: run --epochs)")
-    p.add_argument("--batch_size", type=int, help="global batch size (samples per optimizer step)")
-    p.add_argument("--micro_batch_size", type=int, help="per-rank micro-batch")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--warmup_ratio", type=float)
-    p.add_argument("--weight_decay", type=float)
-    p.add_argument("--max_grad_norm", type=float)
-    p.add_argument("--bf16", action="store_true", default=None)
-    p.add_argument("--gradient_checkpointing", action="store_true", default=None)
-    p.add_argument("--eval_size", type=int, help="held-out examples")
-    p.add_argument("--eval_every", type=int)
-    p.add_argument("--eval_generate", type=int, help="held-out prompts scored by greedy generation (math)")
-    p.add_argument("--save_every", type=int)
-    p.add_argument("--output_dir")
-    p.add_argument("--resume", action="store_true", default=None, help="continue from output_dir's latest checkpoint")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--num_proc", type=int, help="tokenizer processes")
-    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    cfg = dict(DEFAULTS)
-    if args.config:
-        cfg.update(load_config_file(args.config, p))
-    cfg.update({k: v for k, v in vars(args).items() if v is not None and k not in ("config", "local_rank")})
-    for key in ("r", "init_samples", "max_seq_len", "batch_size", "micro_batch_size", "eval_every", "save_every"):
-        if cfg[key] is None or cfg[key] <= 0:
-            p.error(f"--{key} must be positive, got {cfg[key]}")
-    for key in ("lr", "alpha"):
-        if cfg[key] <= 0:
-            p.error(f"--{key} must be positive, got {cfg[key]}")
-    if not 0 <= cfg["warmup_ratio"] < 1:
-        p.error(f"--warmup_ratio must be in [0, 1), got {cfg['warmup_ratio']}")
-    try:
-        cfg["init_options"] = json.loads(cfg["init_options"]) if isinstance(cfg["init_options"], str) else cfg["init_options"]
-    except json.JSONDecodeError as e:
-        p.error(f"--init_options is not valid JSON: {e}")
-    return argparse.Namespace(**cfg)
-
-
-def load_config_file(path, parser):
-    if not os.path.isfile(path):
-        parser.error(f"--config {path!r} does not exist")
-    with open(path) as f:
-        text = f.read()
-    try:
-        if path.endswith((".yaml", ".yml")):
-            import yaml
-            values = yaml.safe_load(text) or {}
-        else:
-            values = json.loads(text)
-    except Exception as e:
-        parser.error(f"--config {path!r} cannot be parsed: {e}")
-    if not isinstance(values, dict):
-        parser.error(f"--config {path!r} must hold a mapping of flag names to values")
-    unknown = sorted(set(values) - set(DEFAULTS))
-    if unknown:
-        parser.error(f"--config {path!r} has unknown keys {unknown}; known: {sorted(DEFAULTS)}")
-    return values
+PREVIOUS_RUN = ("checkpoints/latest", "metrics.jsonl", "adapter")  # what a finished or killed run leaves
 
 
 def log(*a):
@@ -127,66 +46,67 @@ def log(*a):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    """Every bad input is a LoraDistError: rank 0 prints its message once, every rank exits with 2."""
+    try:
+        train(parse_args(argv, description=__doc__))
+    except LoraDistError as e:
+        if launch_rank() == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def train(args: TrainConfig):
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
 
     # -----------------------------------------------------------------------------------------
     # distributed setup (deepspeed / torchrun env vars, or MPI discovery through mpi4py)
     # -----------------------------------------------------------------------------------------
     import deepspeed
-    from lora_dist.job.distributed import init_distributed
     init_distributed()
-    rank, world = ld.zero.rank(), ld.zero.world_size()
+    comm = Comm()
+    rank, world = comm.rank, comm.world
     device = torch.device(deepspeed.get_accelerator().device_name(), int(os.environ.get("LOCAL_RANK", 0))) \
         if deepspeed.get_accelerator().device_name() != "cpu" else torch.device("cpu")
     torch.manual_seed(args.seed)
     out_dir = os.path.abspath(args.output_dir)
     ckpt_dir = os.path.join(out_dir, "checkpoints")
-    if rank == 0:  # fail now, not after an hour of training
-        try:
-            os.makedirs(ckpt_dir, exist_ok=True)
-            probe = os.path.join(out_dir, ".write_test")
-            open(probe, "w").close()
-            os.remove(probe)
-        except OSError as e:
-            raise SystemExit(f"--output_dir {args.output_dir!r} is not writable: {e}")
-    resume_tag = checkpoint.latest_tag(ckpt_dir) if args.resume else None
-    if args.resume and resume_tag is None:
-        raise SystemExit(f"--resume: no checkpoint in {ckpt_dir} (its 'latest' file is missing)")
+
+    # -----------------------------------------------------------------------------------------
+    # every cheap check before tokenizing or loading weights; rank 0 alone judges the output dir
+    # -----------------------------------------------------------------------------------------
+    records, config = collectively(comm, lambda: check_inputs(args, out_dir, world, rank == 0))
+    if rank == 0:
+        if args.overwrite_output_dir:
+            _remove_previous_run(out_dir)
+        os.makedirs(ckpt_dir, exist_ok=True)
+    comm.barrier()
+    resume_tag = comm.broadcast_object(checkpoint.latest_tag(ckpt_dir) if args.resume and rank == 0 else None, 0)
 
     # -----------------------------------------------------------------------------------------
     # data: records -> held-out split -> tokenized examples (loss on response tokens only)
     # -----------------------------------------------------------------------------------------
-    model_dir = str(resolve_model(args.model)) if rank == 0 else None
-    model_dir = _broadcast(model_dir)  # rank 0 builds a preset once; the others wait for its path
-    tokenizer = data.load_tokenizer(model_dir)
-    records = data.load_records(args.data)
-    train_rec, eval_rec = data.train_eval_split(records, args.eval_size, seed=args.seed)
-    train_ds, report = data.build_dataset(train_rec, tokenizer, template=args.template, max_seq_len=args.max_seq_len,
-                                          overlength=args.overlength, num_proc=args.num_proc)
-    eval_ds, _ = data.build_dataset(eval_rec, tokenizer, template=report.template, max_seq_len=args.max_seq_len,
-                                    overlength=args.overlength)
+    # rank 0 builds a preset once; the others wait for its path
+    model_dir = collectively(comm, lambda: str(resolve_model(args.model)) if rank == 0 else None)
+    model_dir = comm.broadcast_object(model_dir, 0)
+
+    def tokenize():
+        tokenizer = data.load_tokenizer(model_dir)
+        train_rec, eval_rec = data.train_eval_split(records, args.eval_size, seed=args.seed)
+        train_ds, report = data.build_dataset(train_rec, tokenizer, template=args.template,
+                                              max_seq_len=args.max_seq_len, overlength=args.overlength,
+                                              num_proc=args.num_proc)
+        eval_ds, _ = data.build_dataset(eval_rec, tokenizer, template=report.template, max_seq_len=args.max_seq_len,
+                                        overlength=args.overlength)
+        return tokenizer, eval_rec, train_ds, eval_ds, report
+    tokenizer, eval_rec, train_ds, eval_ds, report = collectively(comm, tokenize)
     log(report)
     pad_id = tokenizer.pad_token_id
 
     # -----------------------------------------------------------------------------------------
     # schedule and DeepSpeed config ("auto" values filled from the flags)
     # -----------------------------------------------------------------------------------------
-    steps_per_epoch = max(1, len(train_ds) // args.batch_size)
-    total_steps = args.max_steps if args.max_steps and args.max_steps > 0 else steps_per_epoch * args.epochs
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    from transformers import AutoConfig
-    hidden = getattr(AutoConfig.from_pretrained(model_dir), "hidden_size", None)
-    warmup_steps = warmup_steps_from_ratio(total_steps, args.warmup_ratio)
-    try:
-        ds_config = prepare_ds_config(args.ds_config, world_size=world, train_batch_size=args.batch_size,
-                                      micro_batch_size=args.micro_batch_size, lr=args.lr,
-                                      weight_decay=args.weight_decay, betas=(0.9, 0.999), eps=1e-8,
-                                      total_steps=total_steps,
-                                      warmup_steps=warmup_steps,
-                                      bf16=args.bf16, gradient_clipping=args.max_grad_norm, hidden_size=hidden)
-    except DeepSpeedConfigError as e:
-        raise SystemExit(str(e))
+    total_steps = _total_steps(args, len(train_ds))
+    ds_config = collectively(comm, lambda: _ds_config(args, world, total_steps, _hidden_size(model_dir)))
     zero3 = ds_config.get("zero_optimization", {}).get("stage", 0) == 3
     accum = ds_config["gradient_accumulation_steps"]
 
@@ -199,11 +119,6 @@ def main(argv=None):
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16 if args.bf16 else torch.float32)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    targets = "all-linear" if args.target_modules == "all-linear" else args.target_modules.split(",")
-    config = ld.AdapterConfig(kind=args.adapter, init=None if args.adapter == "none" else args.init, r=args.r,
-                              alpha=args.alpha, use_rslora=args.use_rslora, dropout=args.dropout,
-                              target_modules=targets, init_options=args.init_options,
-                              init_samples=args.init_samples, seed=args.seed)
     if resume_tag and args.adapter != "none":  # re-applies an init that rewrote W (frozen W is not checkpointed)
         names = ld.load_adapter(model, os.path.join(ckpt_dir, resume_tag, "adapter"))
     else:
@@ -221,10 +136,10 @@ def main(argv=None):
     if config.needs_initialize and not resume_tag:
         calib = data.calibration_indices(len(train_ds), args.init_samples, seed=args.seed)
         mine = calib[rank::world]
-        # LoRA-SB's η: the LR of the first warm-up step that moves the weights (linear warm-up from 0)
-        first_lr = args.lr / max(1, warmup_steps)
+        # LoRA-SB's η: the LR of the first step that moves the weights, as the built scheduler gives it
+        eta = first_moving_lr(engine)
         init_report = ld.initialize_adapters(engine, config, data.batches(train_ds, mine, args.micro_batch_size, pad_id),
-                                             n_train=len(train_ds), lr=first_lr)
+                                             n_train=len(train_ds), lr=eta)
         log(init_report.summary())
 
     # -----------------------------------------------------------------------------------------
@@ -236,8 +151,19 @@ def main(argv=None):
         step, epoch, micro_pos = state["step"], state["epoch"], state["micro_pos"]
         log(f"resumed from {resume_tag}: step {step}, epoch {epoch}")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
+
+    def evaluate():
+        out = eval_loss(engine.module, eval_ds, pad_id, args.micro_batch_size, device)
+        if zero3:  # an eval pass outside the engine may leave prefetched parameters in flight: release them
+            engine.empty_partition_cache()
+        return out
     if rank == 0:
         _truncate_metrics(metrics_path, step)
+    if step == 0:  # the held-out loss before training, the baseline every later eval is read against
+        start = evaluate()
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"step": 0, **start}) + "\n")
 
     # -----------------------------------------------------------------------------------------
     # training loop
@@ -247,7 +173,7 @@ def main(argv=None):
     engine.train()
     t0, micro_losses = time.time(), []
     while step < total_steps:
-        order = data.shard_indices(len(train_ds), rank, world, seed=args.seed, epoch=epoch)
+        order = data.epoch_order(len(train_ds), rank, world, seed=args.seed, epoch=epoch)
         n_micro = (len(order) // (args.micro_batch_size * accum)) * accum  # whole optimizer steps only
         for pos in range(micro_pos, n_micro):
             idx = order[pos * args.micro_batch_size:(pos + 1) * args.micro_batch_size]
@@ -260,7 +186,7 @@ def main(argv=None):
             if (pos + 1) % accum:
                 continue
             step += 1
-            step_loss = _mean_over_ranks(sum(micro_losses) / len(micro_losses))
+            step_loss = comm.mean(sum(micro_losses) / len(micro_losses))
             micro_losses = []
             lr = scheduler.get_lr()[0] if scheduler is not None else args.lr
             bar.update(1)
@@ -268,7 +194,7 @@ def main(argv=None):
             record = {"step": step, "loss": step_loss, "lr": lr, "time": round(time.time() - t0, 2)}
             last_step = step == total_steps
             if step % args.eval_every == 0 or last_step:
-                record.update(eval_loss(engine.module, eval_ds, pad_id, args.micro_batch_size, device))
+                record.update(evaluate())
                 engine.train()
             if rank == 0:
                 with open(metrics_path, "a") as f:
@@ -286,12 +212,14 @@ def main(argv=None):
     # -----------------------------------------------------------------------------------------
     # held-out evaluation and the PEFT adapter
     # -----------------------------------------------------------------------------------------
-    final = eval_loss(engine.module, eval_ds, pad_id, args.micro_batch_size, device)
+    final = evaluate()
     if report.template == "metamath" and args.eval_generate > 0:
         tmpl = data.get_template(report.template)
         rows = [eval_rec[i] for i in range(min(args.eval_generate, len(eval_rec)))]
         final.update(eval_exact_match(engine.module, tokenizer, [tmpl.prompt(r) for r in rows],
                                       [tmpl.reference(r) for r in rows], device))
+        if zero3:
+            engine.empty_partition_cache()
     log(f"final: step {step}, held-out loss {final['eval_loss']:.4f}, perplexity {final['eval_ppl']:.2f}"
         + (f", exact match {final['exact_match']:.3f} on {final['generated']} prompts" if "exact_match" in final else ""))
     if args.adapter != "none":
@@ -303,22 +231,86 @@ def main(argv=None):
             json.dump({"step": step, **{k: v for k, v in final.items()}}, f, indent=1)
 
 
-def _broadcast(obj):
-    if ld.zero.world_size() == 1:
-        return obj
-    import torch.distributed as dist
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def check_inputs(args: TrainConfig, out_dir: str, world: int, judge_output: bool):
+    """Every check that needs no tokenizing and no weights; returns (records, AdapterConfig).
+
+    All problems found are reported together, one per line, so a user fixes them in one go."""
+    problems, records, config = [], None, None
+
+    def check(fn):
+        try:
+            return fn()
+        except LoraDistError as e:
+            problems.append(str(e))
+
+    if judge_output:
+        check(lambda: _check_output_dir(args, out_dir))
+    config = check(args.adapter_config)
+    if check(lambda: data.check_data_path(args.data)) is not None:
+        records = check(lambda: data.load_records(args.data))
+    model_ok = check(lambda: _check_model(args.model)) is not None
+    n_train = len(records) - args.eval_size if records is not None else args.batch_size
+    hidden = (_hidden_size(args.model) if os.path.isdir(args.model) else preset_config(args.model)["hidden_size"]) \
+        if model_ok else None
+    check(lambda: _ds_config(args, world, _total_steps(args, max(1, n_train)), hidden or 1))
+    if problems:
+        raise LoraDistError("\nerror: ".join(problems))
+    return records, config
 
 
-def _mean_over_ranks(x: float) -> float:
-    if ld.zero.world_size() == 1:
-        return x
-    import torch.distributed as dist
-    t = torch.tensor([x], dtype=torch.float64)
-    dist.all_reduce(t)
-    return t.item() / ld.zero.world_size()
+def _check_model(model: str) -> bool:
+    if os.path.isdir(model):
+        data.check_model_dir(model)
+    elif model not in demo_presets():  # a preset is built (once, by rank 0) after every check passed
+        raise ConfigError(f"--model {model!r} is neither a local model directory nor a buildable preset "
+                          f"({', '.join(demo_presets())})")
+    return True
+
+
+def _check_output_dir(args: TrainConfig, out_dir: str) -> None:
+    """Writable; holding no previous run unless --resume (which needs one) or --overwrite_output_dir."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, ".write_test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--output_dir {args.output_dir!r} is not writable: {e}") from None
+    found = [name for name in PREVIOUS_RUN if os.path.exists(os.path.join(out_dir, name))]
+    if args.resume:
+        if checkpoint.latest_tag(os.path.join(out_dir, "checkpoints")) is None:
+            raise ConfigError(f"--resume: no checkpoint in {os.path.join(out_dir, 'checkpoints')} "
+                              f"(its 'latest' file is missing)")
+    elif found and not args.overwrite_output_dir:
+        raise ConfigError(f"--output_dir {args.output_dir!r} holds a previous run ({', '.join(found)}): pass "
+                          f"--resume to continue it, --overwrite_output_dir to replace it, or another --output_dir")
+
+
+def _remove_previous_run(out_dir: str) -> None:
+    """--overwrite_output_dir: remove what a run writes, and nothing else."""
+    for name in ("checkpoints", "adapter"):
+        shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+    for name in ("metrics.jsonl", "final.json"):
+        if os.path.isfile(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+
+
+def _total_steps(args: TrainConfig, n_train: int) -> int:
+    steps_per_epoch = max(1, n_train // args.batch_size)
+    return args.max_steps if args.max_steps > 0 else steps_per_epoch * args.epochs
+
+
+def _hidden_size(model_dir: str):
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return json.load(f).get("hidden_size")
+
+
+def _ds_config(args: TrainConfig, world: int, total_steps: int, hidden) -> dict:
+    return prepare_ds_config(args.ds_config, world_size=world, train_batch_size=args.batch_size,
+                             micro_batch_size=args.micro_batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                             betas=(0.9, 0.999), eps=1e-8, total_steps=total_steps,
+                             warmup_steps=warmup_steps_from_ratio(total_steps, args.warmup_ratio), bf16=args.bf16,
+                             gradient_clipping=args.max_grad_norm, hidden_size=hidden)
 
 
 def _truncate_metrics(path: str, step: int) -> None:
