@@ -24,7 +24,6 @@ def one_rank():
     """A 1-rank gloo group, torn down afterwards so later tests see no process group."""
     import deepspeed
     import deepspeed.comm.comm as ds_comm
-    import torch.distributed as dist
     env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # what a launcher sets
     with pytest.MonkeyPatch.context() as mp:
@@ -32,7 +31,7 @@ def one_rank():
             mp.setenv(k, v)
         deepspeed.init_distributed(dist_backend="gloo")
         yield
-        dist.destroy_process_group()
+        ds_comm.destroy_process_group()  # drops DeepSpeed's cached groups too, for later modules
         ds_comm.cdb = None  # DeepSpeed's handle on the destroyed group: a later init must start afresh
 
 

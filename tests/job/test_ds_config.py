@@ -259,14 +259,13 @@ def world_of_one():
     per module: DeepSpeed keeps groups it made, so a second init in one process would not work)."""
     import deepspeed
     import deepspeed.comm.comm as ds_comm
-    import torch.distributed as dist
     with pytest.MonkeyPatch.context() as mp:
         for key, value in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                                MASTER_PORT=str(_free_port())).items():
             mp.setenv(key, value)
         deepspeed.init_distributed(dist_backend="gloo")
         yield
-        dist.destroy_process_group()
+        ds_comm.destroy_process_group()  # also drops DeepSpeed's cached groups (torch's would leave them stale)
         ds_comm.cdb = None  # let a later module start its own group
 
 
