@@ -47,16 +47,55 @@ CHECKPOINT_PREFIX = "checkpoint"  # transformers.trainer_utils.PREFIX_CHECKPOINT
 
 def _check_update_rules(config: AdapterConfig) -> None:
     """LoRA-FA's projection is a gradient hook (inside backward): it works under any Trainer. LoRA-Pro
-    acts between backward and step, which Accelerate runs inside `backward`; LoRA+ needs parameter
-    groups the Trainer does not build. Both are refused rather than run as plain AdamW."""
+    acts between backward and step, which Accelerate runs inside `backward`: refused, rather than
+    run as plain AdamW. LoRA+ needs `LoraDistTrainerMixin` (checked when training starts)."""
     if getattr(config, "update_rule", "plain") == "lora_pro":
         raise ConfigError("AdapterConfig.update_rule='lora_pro' cannot run from an HF Trainer: it acts between "
                           "backward and the optimizer step, and Accelerate steps DeepSpeed inside backward; "
                           "use launch/train.py")
-    if getattr(config, "loraplus_lr_ratio", None) is not None:
-        raise ConfigError("AdapterConfig.loraplus_lr_ratio is not supported by lora_dist.hf: the Trainer builds "
-                          "one parameter group (and none of its own when the ds_config has an \"optimizer\" "
-                          "section), so B would silently train at A's LR; use launch/train.py")
+
+
+class LoraDistTrainerMixin:
+    """Trainer mixin for LoRA+: `class MyTrainer(LoraDistTrainerMixin, SFTTrainer): pass`.
+
+    With `AdapterConfig.loraplus_lr_ratio` = ρ, `create_optimizer` builds the Trainer's optimizer class
+    (args.optim) over `update_rules.param_groups`: A (and other trainables) at lr, B and 1-D adapter
+    vectors at ρ·lr. Under DeepSpeed this needs a ds_config without an "optimizer" section: with one,
+    HF hands DeepSpeed a flat parameter list and never calls `create_optimizer` (the callback then
+    refuses to train). Schedulers scale each group's own LR (HF's, DeepSpeed's WarmupCosineLR);
+    DeepSpeed schedulers that write one absolute LR into every group are refused
+    (`update_rules.check_scheduler`). Without a ratio the Trainer's own optimizer is used.
+    """
+
+    def create_optimizer(self, model=None):
+        config = getattr(self.model, "lora_dist_config", None)
+        if config is None or getattr(config, "loraplus_lr_ratio", None) is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        from .update_rules import param_groups
+        groups = param_groups(self.model, config, self.args.learning_rate, self.args.weight_decay)
+        cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+        self.optimizer = cls(groups, **kwargs)
+        return self.optimizer
+
+
+def _check_loraplus(config: AdapterConfig, args, optimizer) -> None:
+    """LoRA+ must have reached the optimizer the Trainer runs (ZeRO keeps each group's keys)."""
+    ratio = getattr(config, "loraplus_lr_ratio", None)
+    if ratio is None:
+        return
+    groups = getattr(optimizer, "param_groups", None) or []
+    if not any(g.get("name") == "lora_B" and g.get("lr_ratio") == float(ratio) for g in groups):
+        ds = "the ds_config's \"optimizer\" section replaced it with one group; remove that section and "
+        raise ConfigError(f"AdapterConfig.loraplus_lr_ratio={ratio} did not reach the Trainer's optimizer "
+                          f"({ds if _ds_config(args).get('optimizer') else ''}build the Trainer as "
+                          "class MyTrainer(lora_dist.hf.LoraDistTrainerMixin, SFTTrainer)); B would train at A's LR")
+    from .update_rules import check_scheduler
+    check_scheduler(_ds_config(args), groups)
+
+
+def _ds_config(args) -> dict:
+    hf = getattr(args, "hf_deepspeed_config", None)
+    return dict(getattr(hf, "config", None) or {})
 
 
 def prepare_model(model, config: AdapterConfig) -> list:
@@ -267,6 +306,7 @@ class LoraDistCallback(TrainerCallback):
             raise ConfigError("LoraDistCallback: the model is ZeRO-3 partitioned but the Trainer is not running "
                               f"DeepSpeed (its optimizer is a {type(optimizer).__name__}); pass deepspeed= to the "
                               "TrainingArguments that loaded the model")
+        _check_loraplus(config, args, optimizer)
         if state.global_step > 0:
             path = self.resume_adapter_dir or os.path.join(
                 args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}", ADAPTER_DIR)

@@ -162,6 +162,27 @@ def test_lora_fa_rule_projects_the_gradient_deepspeed_reduces(route):
 
 
 @pytest.mark.slow
+def test_loraplus_groups_reach_deepspeed_or_training_is_refused(route):
+    """With LoraDistTrainerMixin and no "optimizer" section, DeepSpeed's ZeRO-3 optimizer holds the
+    LoRA+ groups (A at lr, every B at 4·lr) and WarmupCosineLR scales from those per-group LRs; with
+    an "optimizer" section the callback refuses to train."""
+    import lora_dist as ld
+    from transformers import AutoModelForCausalLM
+    out, model_dir = route
+    rec = json.load(open(os.path.join(out, "loraplus", "groups.json")))
+    assert [g["name"] for g in rec["groups"]] == ["lora_A", "lora_B"]
+    assert [g["lr"] for g in rec["groups"]] == pytest.approx([LR, 4 * LR], rel=1e-12)
+    assert rec["scheduler_base_lrs"] == pytest.approx([LR, 4 * LR], rel=1e-12)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    ld.inject_adapters(model, ld.AdapterConfig(kind="lora", r=4, alpha=8.0, target_modules=["q_proj", "v_proj"]))
+    numel = {k: sum(p.numel() for n, p in model.named_parameters() if n.endswith(k)) for k in ("lora_A", "lora_B")}
+    for g in rec["groups"]:  # each rank's flat fp32 partition of the group, summed over the 2 ranks
+        assert numel[g["name"]] <= sum(g["partition_numel"]) < numel[g["name"]] + 2 * 64, (g, numel)
+    refused = open(os.path.join(out, "loraplus_refused", "error.txt")).read()
+    assert "loraplus_lr_ratio=4.0 did not reach" in refused and '"optimizer" section' in refused
+
+
+@pytest.mark.slow
 def test_readme_snippet_runs_as_written(route):
     out, model_dir = route
     adapter = os.path.join(out, "snippet", "out", "adapter")
@@ -183,13 +204,11 @@ def test_prepare_model_refuses_what_cannot_work_on_this_route():
     from lora_dist.errors import ConfigError
     from lora_dist.hf import LoraDistCallback, prepare_model
     from conftest import tiny_llama
-    for bad, field in ((dict(kind="lora", update_rule="lora_pro", init="kaiming"), "update_rule"),
-                       (dict(kind="lora", loraplus_lr_ratio=16.0), "loraplus_lr_ratio")):
-        cfg = ld.AdapterConfig(target_modules=["q_proj"], **bad)
-        with pytest.raises(ConfigError, match=field):
-            prepare_model(tiny_llama(), cfg)
-        with pytest.raises(ConfigError, match=field):
-            LoraDistCallback(cfg)
+    cfg = ld.AdapterConfig(target_modules=["q_proj"], kind="lora", update_rule="lora_pro", init="kaiming")
+    with pytest.raises(ConfigError, match="update_rule='lora_pro'"):
+        prepare_model(tiny_llama(), cfg)
+    with pytest.raises(ConfigError, match="update_rule='lora_pro'"):
+        LoraDistCallback(cfg)
     with pytest.raises(ConfigError, match="kind='none'"):
         prepare_model(tiny_llama(), ld.AdapterConfig(kind="none"))
     with pytest.raises(ConfigError, match="needs calibration"):

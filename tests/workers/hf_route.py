@@ -56,6 +56,15 @@ def run(out, model_dir, name, *extra):
     return train_hf.main([*COMMON, "--model", model_dir, "--output_dir", os.path.join(out, name), *extra])
 
 
+def small_train_set(model_dir):
+    """The tokenizer and 64 tokenized training samples for the library-API phases."""
+    from lora_dist.job import data
+    from lora_dist.job.demo import METAMATH_TINY
+    tok = data.load_tokenizer(model_dir)
+    train, _ = data.build_dataset(data.load_records(METAMATH_TINY), tok, max_seq_len=64)
+    return tok, train.select_columns(["input_ids", "labels"]).select(range(64))
+
+
 def lora_fa_phase(out, model_dir):
     """update_rule='lora_fa' through the library API on a plain SFTTrainer, then one more backward on
     the Trainer's engine: DeepSpeed's reduced gradient of every B, saved for the pytest side."""
@@ -63,13 +72,10 @@ def lora_fa_phase(out, model_dir):
     import lora_dist.hf  # noqa: F401
     from deepspeed.utils import safe_get_full_grad
     from lora_dist.job import data
-    from lora_dist.job.demo import METAMATH_TINY
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
     d = os.path.join(out, "fa")
-    tok = data.load_tokenizer(model_dir)
-    train, _ = data.build_dataset(data.load_records(METAMATH_TINY), tok, max_seq_len=64)
-    train = train.select_columns(["input_ids", "labels"]).select(range(64))
+    tok, train = small_train_set(model_dir)
     args = SFTConfig(output_dir=d, deepspeed=COMMON[1], max_steps=3, per_device_train_batch_size=2,
                      max_length=None, report_to="none", bf16=False, use_cpu=True, save_strategy="no")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -87,6 +93,54 @@ def lora_fa_phase(out, model_dir):
     if dist.get_rank() == 0:
         torch.save({"batch": batch, "grads": grads}, os.path.join(d, "grads.pt"))
     engine.zero_grad()
+
+
+def loraplus_phase(out, model_dir, name, with_optimizer_section):
+    """loraplus_lr_ratio=4 through LoraDistTrainerMixin; records the ZeRO-3 optimizer's groups, or the
+    error the callback raises when the ds_config's "optimizer" section bypasses create_optimizer."""
+    import json
+    import lora_dist as ld
+    import lora_dist.hf  # noqa: F401
+    from lora_dist.errors import ConfigError
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+    d = os.path.join(out, name)
+    ds = json.load(open(COMMON[1]))
+    if not with_optimizer_section:
+        del ds["optimizer"]
+    tok, train = small_train_set(model_dir)
+    args = SFTConfig(output_dir=d, deepspeed=ds, max_steps=3, per_device_train_batch_size=2, learning_rate=2e-3,
+                     max_length=None, report_to="none", bf16=False, use_cpu=True, save_strategy="no")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = ld.AdapterConfig(kind="lora", r=4, alpha=8.0, target_modules=["q_proj", "v_proj"], loraplus_lr_ratio=4.0)
+    ld.hf.prepare_model(model, config)
+
+    class Trainer(ld.hf.LoraDistTrainerMixin, SFTTrainer):
+        pass
+
+    trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=tok,
+                      callbacks=[ld.hf.LoraDistCallback(config)])
+    os.makedirs(d, exist_ok=True)
+    try:
+        trainer.train()
+    except ConfigError as e:
+        if dist.get_rank() == 0:
+            open(os.path.join(d, "error.txt"), "w").write(str(e))
+        return
+    zero = trainer.model_wrapped.optimizer
+    parts = [torch.tensor([p.numel()]) for p in zero.fp32_partitioned_groups_flat]
+    sizes = [[int(t) for t in _all_gather(x)] for x in parts]
+    if dist.get_rank() == 0:
+        groups = [{"name": g["name"], "lr": base, "partition_numel": n}
+                  for g, base, n in zip(zero.param_groups, trainer.model_wrapped.lr_scheduler.org_lrs, sizes)]
+        json.dump({"groups": groups, "scheduler_base_lrs": list(trainer.model_wrapped.lr_scheduler.org_lrs)},
+                  open(os.path.join(d, "groups.json"), "w"))
+
+
+def _all_gather(x):
+    out = [torch.zeros_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x)
+    return out
 
 
 def readme_snippet() -> str:
@@ -126,6 +180,8 @@ def main():
     run(out, model_dir, "pissa_nofrozen", "--init", "pissa", "--max_steps", "4", "--save_every", "2", "--resume")
 
     lora_fa_phase(out, model_dir)
+    loraplus_phase(out, model_dir, "loraplus", with_optimizer_section=False)
+    loraplus_phase(out, model_dir, "loraplus_refused", with_optimizer_section=True)
 
     # the README snippet, in a directory holding the ds_configs/ it names
     snippet_dir = os.path.join(out, "snippet")
