@@ -1,6 +1,7 @@
 """2-rank worker for tests/test_comm.py: every Comm collective once, with its byte counters; each
 rank writes what it saw to <out>/rank<r>.json and the parent test checks it against hand values."""
 import argparse
+import gc
 import json
 import os
 
@@ -82,4 +83,9 @@ res["totals"] = [comm.sent, comm.reduce_sent, comm.allreduce_equivalent]
 os.makedirs(args.out, exist_ok=True)
 with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
     json.dump(res, f)
+# Tear down in order: the ZeRO-3 parameters first, then the group. Left to interpreter exit, the
+# teardown sometimes aborted a rank under load ("terminate called without an active exception").
+del lin, w, q
+gc.collect()
 dist.barrier()
+dist.destroy_process_group()
