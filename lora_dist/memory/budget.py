@@ -14,6 +14,15 @@ falling back to the full depth if a check fails (details in its docstring).
 The largest micro-batch is the largest b <= max_batch with peak(b) <= usable GPU memory, where
 usable = gpu_memory - reserve (default 2 GiB for the CUDA context, NCCL buffers and allocator
 fragmentation).
+
+Update rules (`update_rule_states`, docs/update_rules.md): LoRA-Pro's full rule adds each layer's
+full-size moments M, V (2·d_out·d_in elements) on its owner rank, counted as
+`update_rules.lora_pro_moment_bytes` plans them (the largest rank's share), and replaces Adam by
+the inner SGD (no optimizer state). Its step temporaries (3·d_out·d_in fp32 of the largest owned
+layer) live after backward, when the activations are gone, so the peak becomes
+    peak(b) = model states + buffers + max(act_peak(b), step temporaries).
+LoRA-FA's projection keeps one r×r float64 P_A per adapted layer, replicated (L·r²·8 bytes); the
+light LoRA-Pro variant keeps nothing of size d_out·d_in.
 """
 from __future__ import annotations
 
@@ -126,13 +135,15 @@ class MemoryPlan:
     profile: ActivationProfile
     reserve_bytes: int
     max_batch: int
+    rule: Optional[dict] = None  # update_rule_states(...) when an update rule is accounted
 
     @property
     def usable_bytes(self) -> int:
         return int(self.cluster.gpu_memory_gib * GiB) - self.reserve_bytes
 
     def peak(self, b: int) -> int:
-        return self.states.gpu_total + self.profile.act_peak(b)
+        step = self.rule["step_transient_bytes"] if self.rule else 0
+        return self.states.gpu_total + max(self.profile.act_peak(b), step)
 
     def activations(self, b: int) -> int:
         return self.profile.saved(b)
@@ -173,14 +184,55 @@ class MemoryPlan:
             "fits": self.fits(b), "max_micro_batch": self.max_micro_batch, "max_batch_searched": self.max_batch,
             "host_per_node_bytes": self.host_per_node, "activation_method": self.profile.method,
             "saved_by_category_b1": dict(self.profile.by_category_b1),
+            "update_rule": dict(self.rule) if self.rule else {"rule": "plain"},
         }
+
+
+UPDATE_RULES = ("plain", "lora_fa", "lora_pro")
+
+
+def update_rule_states(config, spec: TrainSpec, world: int, rule: str = "plain", moments: str = "full",
+                       moments_dtype: str = "float32") -> dict:
+    """Per-rank bytes an update rule adds (module docstring), as a dict with "rule", "moments",
+    "moment_bytes_per_rank" (the largest rank's), "moment_bytes_total", "step_transient_bytes",
+    "projection_bytes" (LoRA-FA's r×r P_A, replicated) and "adam_replaced" (the inner step is SGD).
+
+    lora_fa needs mode lora_fa and lora_pro mode lora (as AdapterConfig requires); the moments come
+    from `update_rules.lora_pro_moment_bytes` over the adapted layers' shapes.
+    """
+    from ..update_rules import lora_pro_moment_bytes
+    from .init_cost import adapted_modules
+
+    need = {"lora_fa": "lora_fa", "lora_pro": "lora"}
+    if rule not in UPDATE_RULES:
+        raise MemoryConfigError(f"--update-rule {rule!r}: choose one of {list(UPDATE_RULES)}")
+    if rule in need and spec.mode != need[rule]:
+        raise MemoryConfigError(f"--update-rule {rule} needs --mode {need[rule]}, got --mode {spec.mode}")
+    if moments not in ("full", "none"):
+        raise MemoryConfigError(f"--lora-pro-moments {moments!r}: choose full or none")
+    out = {"rule": rule, "moments": moments if rule == "lora_pro" else None, "moment_bytes_per_rank": 0,
+           "moment_bytes_total": 0, "step_transient_bytes": 0, "projection_bytes": 0, "adam_replaced": False}
+    if rule == "plain":
+        return out
+    shapes = [(n, o, i) for n, o, i, _ in adapted_modules(config, spec.target_modules)]
+    if rule == "lora_fa":
+        out["projection_bytes"] = len(shapes) * spec.r * spec.r * 8
+    elif moments == "full":
+        mb = lora_pro_moment_bytes(shapes, world, moments_dtype)
+        out.update(moment_bytes_per_rank=mb["max_rank"], moment_bytes_total=mb["total"],
+                   step_transient_bytes=mb["transient"], adam_replaced=True)
+    return out
 
 
 def plan_memory(config, spec: TrainSpec, cluster: Cluster, zero: ZeroConfig, *,
                 reserve_gib: float = DEFAULT_RESERVE_GIB, max_batch: int = 32,
                 profile: Optional[ActivationProfile] = None, params: Optional[ParamStats] = None,
-                full_depth: bool = False) -> MemoryPlan:
-    """Combine activations and model states for one configuration (see the module docstring)."""
+                full_depth: bool = False, update_rule: Optional[dict] = None) -> MemoryPlan:
+    """Combine activations and model states for one configuration (see the module docstring).
+
+    update_rule: `update_rule_states(...)`; LoRA-Pro's moments join the GPU states
+    ("lora_pro_moments"; LoRAPro keeps them where the gradients are), the Adam states become 0
+    (inner SGD), LoRA-FA's P_A is "lora_fa_projection"."""
     if not isinstance(reserve_gib, (int, float)) or reserve_gib < 0:
         raise MemoryConfigError(f"reserve_gib must be >= 0, got {reserve_gib!r}")
     if reserve_gib >= cluster.gpu_memory_gib:
@@ -190,4 +242,10 @@ def plan_memory(config, spec: TrainSpec, cluster: Cluster, zero: ZeroConfig, *,
     params = params or count_params(config, spec)
     profile = profile or activation_profile(config, spec, full_depth=full_depth)
     states = model_states(params, cluster, zero)
-    return MemoryPlan(spec, cluster, zero, params, states, profile, int(reserve_gib * GiB), max_batch)
+    if update_rule and update_rule["adam_replaced"]:
+        (states.host if "optimizer" in states.host else states.gpu)["optimizer"] = 0
+        states.gpu["lora_pro_moments"] = update_rule["moment_bytes_per_rank"]
+    if update_rule and update_rule["projection_bytes"]:
+        states.gpu["lora_fa_projection"] = update_rule["projection_bytes"]
+    return MemoryPlan(spec, cluster, zero, params, states, profile, int(reserve_gib * GiB), max_batch,
+                      update_rule)

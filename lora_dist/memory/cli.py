@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 
 from ..config import ConfigError
 from .activations import ALL_PROJ, CATEGORIES, MODES, MemoryConfigError, TrainSpec, list_presets, load_preset
-from .budget import DEFAULT_RESERVE_GIB, plan_memory
+from .budget import DEFAULT_RESERVE_GIB, UPDATE_RULES, plan_memory, update_rule_states
 from .init_cost import InitSpec, init_cost
 from .states import Cluster, GiB, ZeroConfig
 
@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reduce-bucket-size", type=int, default=500_000_000)
     p.add_argument("--full-depth", action="store_true", help="run every layer instead of extrapolating")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    u = p.add_argument_group("update rules (docs/update_rules.md)")
+    u.add_argument("--update-rule", default="plain", choices=UPDATE_RULES,
+                   help="plain (default); lora_fa (with --mode lora_fa: r×r P_A per layer); lora_pro (with "
+                        "--mode lora: full-size moments on owner ranks, inner SGD)")
+    u.add_argument("--lora-pro-moments", default=None, choices=("full", "none"),
+                   help="LoRA-Pro's full rule (default) or its light variant without moments")
+    u.add_argument("--lora-pro-moments-dtype", default="float32", choices=("float32", "bfloat16", "float64"))
     g = p.add_argument_group("data-aware init (docs/init_cost.md)")
     g.add_argument("--init", default=None, help="account this init too (e.g. lora_da): adds an 'init' object")
     g.add_argument("--init-samples", type=int, default=256, help="calibration samples (default 256)")
@@ -98,11 +105,16 @@ def _configure(args, parser):
         off_par = args.offload_param or (args.offload and args.zero_stage == 3)
         zero = ZeroConfig(stage=args.zero_stage, offload_optimizer=off_opt, offload_param=off_par,
                           grad_bytes=args.grad_bytes, reduce_bucket_size=args.reduce_bucket_size)
+        if args.lora_pro_moments is not None and args.update_rule != "lora_pro":
+            raise MemoryConfigError(f"--lora-pro-moments applies to --update-rule lora_pro, "
+                                    f"not {args.update_rule}")
+        rule = update_rule_states(config, spec, cluster.world_size, args.update_rule,
+                                  args.lora_pro_moments or "full", args.lora_pro_moments_dtype)
     except MemoryConfigError as e:
         parser.error(str(e))
     except (OSError, ValueError) as e:
         parser.error(f"cannot load preset {args.preset!r}: {e}")
-    return config, spec, cluster, zero
+    return config, spec, cluster, zero, rule
 
 
 def _init(args, config, plan):
@@ -130,14 +142,28 @@ def _print_init(ic) -> None:
           f"{s['epoch_samples']} samples ({s['epoch_seconds']:.0f} s)")
 
 
+def _print_rule(rule: dict) -> None:
+    if rule["rule"] == "lora_fa":
+        print(f"update rule lora_fa: P_A = (AAᵀ+δI)⁻¹, r×r float64 per adapted layer, replicated: "
+              f"{rule['projection_bytes']:,} bytes per GPU (negligible)")
+    elif rule["rule"] == "lora_pro" and rule["moments"] == "none":
+        print("update rule lora_pro, light variant (no moments): no state of size d_out·d_in")
+    elif rule["rule"] == "lora_pro":
+        print(f"update rule lora_pro: full-size moments {_gib(rule['moment_bytes_total']).strip()} in all, "
+              f"{_gib(rule['moment_bytes_per_rank']).strip()} on the largest owner rank (in the states above; "
+              f"Adam states 0: the inner step is SGD); step temporaries "
+              f"{_gib(rule['step_transient_bytes']).strip()} (after backward: the peak takes the larger of "
+              f"them and the activation peak)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    config, spec, cluster, zero = _configure(args, parser)
+    config, spec, cluster, zero, rule = _configure(args, parser)
     t0 = time.time()
     try:
         plan = plan_memory(config, spec, cluster, zero, reserve_gib=args.reserve_gib, max_batch=args.max_batch,
-                           full_depth=args.full_depth)
+                           full_depth=args.full_depth, update_rule=rule)
         ic = _init(args, config, plan)
     except (MemoryConfigError, ConfigError) as e:  # ConfigError: the adapter injection (e.g. r too large)
         parser.error(str(e))
@@ -182,6 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               f"{_gib(plan.host_per_node).strip()} per node{extra}")
     else:
         print("host RAM for offload: none (no offload)")
+    _print_rule(rule)
     if ic is not None:
         _print_init(ic)
     print(f"[activations: {prof.method}, {dt:.1f} s]")
