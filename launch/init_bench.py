@@ -12,11 +12,15 @@ side by side in one run:
      is used. Next to it, the machine's own ceiling: how much faster 2 concurrent one-thread GEMM
      processes get through the work than 1 (2.0 on two free cores; ~1.6 on the 2-vCPU development
      VM, whose vCPUs share execution units, which caps a compute-bound solve's speedup there);
-  2. per-rank peak memory of init (layer groups on) versus one training step on the same config:
-     the peak of heap bytes in use (glibc mallinfo2: what CPU tensors occupy, whatever the allocator
-     keeps cached), sampled by a thread during the phase, minus the level just before it; each phase
-     runs once to warm up (lazy library loads, first-touch buffers) and is measured the second time;
-  3. bytes each rank sent reducing statistics to their owners, versus an all-reduce design.
+  2. per-rank peak memory of init versus one training step on the same config: the peak of heap
+     bytes in use (glibc mallinfo2: what CPU tensors occupy, whatever the allocator keeps cached),
+     sampled by a thread during the phase, minus the level just before it; each phase runs once to
+     warm up (lazy library loads, first-touch buffers) and is measured the second time. No layer
+     groups: (a) memory_budget = the training step's measured peak: the passes it takes and init
+     peak / train-step peak; (b) the default budget: the measured statistics peak per rank against
+     total/N (and total/N + the largest unit);
+  3. bytes each rank sent moving statistics to their owners (rows to owners, or local sums reduced),
+     against the earlier design on the same run and plan (local sums of every unit, reduced once).
 """
 from __future__ import annotations
 
@@ -51,11 +55,15 @@ def parse(argv=None):
     p.add_argument("--repeats", type=int, default=3,
                    help="measured init runs per launch for the speedup (after one warm-up); the median is used")
     p.add_argument("--speed_only", action="store_true", help="only the solve-speedup comparison (part 1)")
+    p.add_argument("--precision", action="store_true",
+                   help="only the hook-product precision measurement (float64 vs fp32 products of bf16 rows)")
     p.add_argument("--out", default=None, help="write the table as JSON here")
     p.add_argument("--worker", choices=["init", "train"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--model", default=None, help=argparse.SUPPRESS)
     p.add_argument("--report", default=None, help=argparse.SUPPRESS)
     p.add_argument("--groups", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--budget", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--calib_micro_used", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -149,13 +157,13 @@ def worker(args):
     result = {"rank": rank, "world": world}
     # Heap polling only in the memory runs: its thread would take CPU from the timed solves (with
     # 2 ranks on 2 cores it competes with the other rank's solve and skews the speedup).
-    measure_memory = args.worker == "train" or args.groups is not None
+    measure_memory = args.worker == "train" or args.measure
     heap = HeapPeak() if measure_memory else contextlib.nullcontext()
 
     def phase():
         if args.worker == "init":
             return ld.initialize_adapters(engine, cfg, batches, layer_groups=args.groups, progress=False,
-                                          micro_batch=args.calib_micro_used)
+                                          micro_batch=args.calib_micro_used, memory_budget=args.budget)
         engine.train()
         out = engine(**batches[0])
         engine.backward(out.loss)
@@ -179,7 +187,12 @@ def worker(args):
                       solve_wall=rep.solve_wall, solve_load=rep.solve_load, sent=rep.reduce_bytes_per_rank,
                       allreduce=rep.allreduce_bytes_per_rank, stats_peak=rep.stats_peak_bytes_per_rank,
                       passes=rep.passes, n_layers=rep.n_layers, phases=rep.phases_per_rank,
-                      balance=rep.plan.balance())
+                      balance=rep.plan.balance(), old_design=rep.old_design_bytes_per_rank,
+                      stats_total=rep.stats_bytes_total,
+                      budget=rep.pass_plan.budget if rep.pass_plan else None,
+                      predicted_peak=rep.pass_plan.max_peak() if rep.pass_plan else None,
+                      largest_unit=max((u.stats_bytes for u in rep.pass_plan.units.values()), default=0)
+                      if rep.pass_plan else None)
     all_results = [None] * world
     dist.all_gather_object(all_results, result)
     if rank == 0:
@@ -187,7 +200,7 @@ def worker(args):
             json.dump(all_results, f)
 
 
-def launch(args, nproc, mode, model_dir, report, groups=None):
+def launch(args, nproc, mode, model_dir, report, groups=None, budget=None, measure=False):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     import socket
@@ -202,7 +215,11 @@ def launch(args, nproc, mode, model_dir, report, groups=None):
            "--samples", str(args.samples), "--seq", str(args.seq), "--micro", str(args.micro),
            "--repeats", str(args.repeats)]
     if groups:
-        cmd += ["--groups", str(groups), "--calib_micro_used", str(args.calib_micro)]
+        cmd += ["--groups", str(groups)]
+    if budget:
+        cmd += ["--budget", str(int(budget))]
+    if measure:
+        cmd += ["--measure", "--calib_micro_used", str(args.calib_micro)]
     p = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"benchmark launch failed ({' '.join(cmd)}):\n{(p.stdout + p.stderr)[-4000:]}")
@@ -235,6 +252,46 @@ def machine_ceiling():
     return alone, together, 2 * alone / together
 
 
+def precision_rows(d_in=1024, tokens=16384, chunk=512, seed=0):
+    """Hook products on the owner: float64 against fp32 products (what bf16 tensor cores give: a
+    product of two bf16 numbers is exact in fp32, so fp32 GEMMs of bf16-valued rows with fp32
+    accumulation are the tensor-core result up to summation order) added into a float64 total per
+    chunk. Rows: bf16, correlated (a decaying spectrum) with a mean offset, as layer inputs are.
+    Reports the relative error of Σxᵀx, of the LoRA-DA direction A_in⁻¹gᵀ (Cholesky, damping 1e-6),
+    and the batching dependence (chunk vs chunk/2) of each, plus hook GEMM FLOPs per token."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d_in, d_in, generator=g, dtype=torch.float64) * torch.logspace(0, -3, d_in, dtype=torch.float64)
+    x = (torch.randn(tokens, d_in, generator=g, dtype=torch.float64) @ mix.T + 0.5).to(torch.bfloat16)
+    grad = torch.randn(64, d_in, generator=g, dtype=torch.float64)
+
+    def total(dtype, c):
+        acc = torch.zeros(d_in, d_in, dtype=torch.float64)
+        for s in range(0, tokens, c):
+            xc = x[s:s + c].to(dtype)
+            acc += (xc.T @ xc).double()
+        return acc / tokens
+
+    def direction(A):
+        L = torch.linalg.cholesky(A + 1e-6 * torch.eye(d_in, dtype=torch.float64))
+        return torch.cholesky_solve(grad.T, L)
+
+    def rel(a, b):
+        return float(torch.linalg.matrix_norm(a - b) / torch.linalg.matrix_norm(b))
+
+    ref = total(torch.float64, chunk)
+    d_ref = direction(ref)
+    rows = [(f"hook precision: d_in {d_in}, {tokens} bf16 tokens, chunks of {chunk}; cond(A_in)",
+             f"{float(torch.linalg.cond(ref)):.2e}")]
+    for name, dt in (("float64", torch.float64), ("fp32 (= bf16 tensor cores)", torch.float32)):
+        a, b = total(dt, chunk), total(dt, chunk // 2)
+        rows.append((f"{name} products: rel. error of Σxᵀx / of A_in⁻¹gᵀ", f"{rel(a, ref):.1e} / {rel(direction(a), d_ref):.1e}"))
+        rows.append((f"{name} products: chunk {chunk} vs {chunk // 2}, Σxᵀx / A_in⁻¹gᵀ",
+                     f"{rel(a, b):.1e} / {rel(direction(a), direction(b)):.1e}"))
+    rows.append(("hook GEMM FLOPs per token, Σxᵀx (2·d_in²)", f"{2 * d_in * d_in:.2e}"))
+    return rows
+
+
 def _print_rows(rows):
     w = max(len(k) for k, _ in rows)
     print("-" * (w + 14))
@@ -243,10 +300,37 @@ def _print_rows(rows):
     print("-" * (w + 14))
 
 
+def _memory_rows(args, mem_init, mem_train, mem_default):
+    rows = []
+    how = f"layer_groups {args.layer_groups}" if args.layer_groups else "budget = train-step peak"
+    for r in range(2):
+        ri, rt = mem_init[r]["heap_rise_mib"], mem_train[r]["heap_rise_mib"]
+        rows.append((f"rank {r}: train-step peak rise (MiB)", f"{rt:.1f}"))
+        rows.append((f"rank {r}: {args.init} init peak rise, {how}, {mem_init[0]['passes']} pass(es), "
+                     f"sub-batch {args.calib_micro} (MiB)", f"{ri:.1f}"))
+        rows.append((f"rank {r}: init / train-step peak", f"{ri / rt:.2f}"))
+    d = mem_default[0]
+    per_rank = d["stats_total"] / 2
+    rows.append((f"default budget: passes; budget per rank (MiB)", f"{d['passes']}; {d['budget'] / 2**20:.0f}"))
+    rows.append(("statistics total, total/N, largest unit (MiB)",
+                 f"{d['stats_total'] / 2**20:.2f}, {per_rank / 2**20:.2f}, {d['largest_unit'] / 2**20:.2f}"))
+    for r in range(2):
+        peak = d["stats_peak"][r]
+        rows.append((f"rank {r}: measured stats peak (MiB); / (total/N); / (total/N + largest unit)",
+                     f"{peak / 2**20:.2f}; {peak / per_rank:.2f}; {peak / (per_rank + d['largest_unit']):.2f}"))
+    for r in range(2):
+        rows.append((f"rank {r}: statistics sent to owners, this design / earlier design (MiB)",
+                     f"{d['sent'][r] / 2**20:.2f} / {d['old_design'][r] / 2**20:.2f}"))
+    rows.append(("this design / earlier design bytes", f"{sum(d['sent']) / max(1, sum(d['old_design'])):.2f}"))
+    return rows
+
+
 def main(argv=None):
     args = parse(argv)
     if args.worker:
         return worker(args)
+    if args.precision:
+        return _print_rows(precision_rows())
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -288,25 +372,17 @@ def main(argv=None):
                 json.dump({"speed": speed}, f, indent=1)
         return
     args.init = inits[0]
-    two = speed[inits[0]]["two"]
-    groups = args.layer_groups or n_layers  # as many passes as rounds: the least statistics memory
-    mem_init = launch(args, 2, "init", model_dir, os.path.join(tmp, "mem_init.json"), groups=groups)
-    mem_train = launch(args, 2, "train", model_dir, os.path.join(tmp, "mem_train.json"))
-
-    for r in range(2):
-        ri, rt = mem_init[r]["heap_rise_mib"], mem_train[r]["heap_rise_mib"]
-        rows.append((f"rank {r}: {args.init} init peak rise, {mem_init[0]['passes']} passes, sub-batch {args.calib_micro} (MiB)",
-                     f"{ri:.1f}"))
-        rows.append((f"rank {r}: train-step peak rise (MiB)", f"{rt:.1f}"))
-        rows.append((f"rank {r}: init / train-step peak", f"{ri / rt:.2f}"))
-    for r in range(2):
-        rows.append((f"rank {r}: {args.init} stats bytes sent, reduce-to-owner (MiB)", f"{two[0]['sent'][r] / 2**20:.2f}"))
-        rows.append((f"rank {r}: same reductions as all-reduce (MiB)", f"{two[0]['allreduce'][r] / 2**20:.2f}"))
-    rows.append(("reduce-to-owner / all-reduce bytes", f"{sum(two[0]['sent']) / max(1, sum(two[0]['allreduce'])):.2f}"))
+    mem_train = launch(args, 2, "train", model_dir, os.path.join(tmp, "mem_train.json"), measure=True)
+    train_peak = max(r["heap_rise_mib"] for r in mem_train) * 2 ** 20
+    mem_init = launch(args, 2, "init", model_dir, os.path.join(tmp, "mem_init.json"), groups=args.layer_groups,
+                      budget=None if args.layer_groups else train_peak, measure=True)
+    mem_default = launch(args, 2, "init", model_dir, os.path.join(tmp, "mem_default.json"), measure=True)
+    rows += _memory_rows(args, mem_init, mem_train, mem_default)
     _print_rows(rows)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"speed": speed, "mem_init": mem_init, "mem_train": mem_train}, f, indent=1)
+            json.dump({"speed": speed, "mem_init": mem_init, "mem_train": mem_train, "mem_default": mem_default},
+                      f, indent=1)
 
 
 if __name__ == "__main__":

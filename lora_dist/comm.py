@@ -120,6 +120,25 @@ class Comm:
             out[key] = self.broadcast(t, src)
         return out
 
+    def gather_rows(self, t: torch.Tensor, rows: int, dst: int) -> Optional[List[torch.Tensor]]:
+        """Every rank's 2-D `t` (at most `rows` rows, zero-padded to `rows`) on `dst`, in rank order;
+        None elsewhere. Runs on a process group of its own, so it can be called from autograd hooks
+        between the collectives DeepSpeed issues there. Counts the padded bytes each rank sends."""
+        if not self.on:
+            return [t]
+        if getattr(self, "_rows_group", None) is None:
+            self._rows_group = dist.new_group()
+        buf = t
+        if t.shape[0] != rows:
+            buf = torch.zeros((rows,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+            buf[: t.shape[0]] = t
+        parts = [torch.empty_like(buf) for _ in range(self.world)] if self.rank == dst else None
+        dist.gather(buf, parts, dst=dst, group=self._rows_group)
+        if self.rank != dst:
+            self.sent += _nbytes(buf)
+            self.reduce_sent += _nbytes(buf)
+        return parts
+
     def broadcast_object(self, obj, src: int):
         if not self.on:
             return obj

@@ -51,12 +51,12 @@ def run_ranks(script: str, args: list, nproc: int = 2, timeout: int = 600) -> st
     return out
 
 
-def run_two_nodes(script: str, args: list, timeout: int = 600) -> str:
-    """Two "nodes" of one rank each on this machine: hostfile + `--no_ssh --node_rank {0,1}`."""
+def run_two_nodes(script: str, args: list, timeout: int = 600, slots: int = 1) -> str:
+    """Two "nodes" of `slots` ranks each on this machine: hostfile + `--no_ssh --node_rank {0,1}`."""
     tmp = tempfile.mkdtemp()
     hostfile = os.path.join(tmp, "hostfile")
     with open(hostfile, "w") as f:
-        f.write("nodeA slots=1\nnodeB slots=1\n")
+        f.write(f"nodeA slots={slots}\nnodeB slots={slots}\n")
     port = str(free_port())
     procs = []
     for node in (0, 1):

@@ -3,10 +3,12 @@
 The driver runs named phases (one code path for 1 process and N ranks):
   count    calibration samples/tokens/positions over all ranks (global normalizers: results do not
            depend on batching);
-  plan     input groups (modules reading the same input share one input moment) and the owner
-           plan over per-unit solve cost (plan.py);
-  collect  per layer group (a slice of the plan's rounds): one calibration pass with hooks on that
-           group's modules (stats.py), each statistic reduced to its owner rank only (comm.py);
+  plan     input groups (modules reading the same input share one input moment), each unit's bytes
+           (statistics, solve workspace, W, rows in flight), owners balancing bytes and solve cost,
+           and the fewest passes whose per-rank peak fits the memory budget (plan.py, passes.py);
+  collect  per pass: one calibration pass with hooks on that pass's modules (stats.py); each
+           micro-step's rows of a unit go to its owner, which forms and adds the products, so a
+           rank holds its owned totals plus one unit's rows in flight (comm.gather_rows);
   gather   per round: every rank receives the full W of the unit it owns (from the ZeRO shards, to
            that rank alone);
   solve    all ranks solve their unit at once (methods/);
@@ -31,7 +33,8 @@ from ..config import AdapterConfig
 from ..errors import ConfigError, DataError
 from ..zero import unwrap_engine, write_params
 from .methods import INPUT_MOMENT, WEIGHT, LayerProblem, Method, get_method
-from .plan import OwnerPlan, build_units
+from .passes import plan_passes
+from .plan import OwnerPlan, build_units, collection_costs, device_budget
 from .report import InitReport
 from .stats import (Collector, calibration_mode, check_batches, input_groups, local_counts, normalized,
                     per_sample_losses, slot_shapes, split_batch, step_context)
@@ -60,6 +63,10 @@ class _Run:
     input_owner: Dict[str, str] = field(default_factory=dict)
     units: Dict[str, list] = field(default_factory=dict)    # unit name -> its modules
     plan: Optional[OwnerPlan] = None
+    schedule: List[List[dict]] = field(default_factory=list)  # pass -> rounds (rank -> unit or None)
+    unit_cost: Dict[str, object] = field(default_factory=dict)    # unit name -> passes.UnitCost
+    rows_units: set = field(default_factory=set)             # units whose rows go to the owner
+    step_rows: List[int] = field(default_factory=list)       # per micro-step: most positions on a rank
     phases: Dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in PHASES})
     stats_peak: int = 0
     weight_peak: int = 0
@@ -82,7 +89,8 @@ def initialize_adapters(model_or_engine, config: Optional[AdapterConfig] = None,
                         lr: Optional[float] = None, layer_groups: Optional[int] = None,
                         reduce_every_step: bool = False, stats_dtype: Optional[torch.dtype] = None,
                         solve_dtype: torch.dtype = torch.float64, micro_batch: Optional[int] = None,
-                        progress: bool = True, return_statistics: bool = False) -> InitReport:
+                        progress: bool = True, return_statistics: bool = False,
+                        memory_budget: Optional[int] = None) -> InitReport:
     """Run `config.init` on the adapters of `model_or_engine` (a model or a DeepSpeedEngine).
 
     batches: this rank's shard of the calibration samples, an iterable of dicts with input_ids,
@@ -90,10 +98,16 @@ def initialize_adapters(model_or_engine, config: Optional[AdapterConfig] = None,
         on N ranks the result equals one process fed all.
     n_train, lr: the training-set size (LoRA-DA's N) and first warm-up learning rate (LoRA-SB's η),
         when init_options do not give them.
-    layer_groups: collect statistics in this many passes (each over a slice of the plan's rounds):
-        more forward/backward passes, less statistics memory. None = one pass.
-    reduce_every_step: reduce each micro-batch's statistics to their owners at once, so no rank holds
-        more than one micro-batch of non-owned statistics.
+    memory_budget: bytes per rank the init may hold (statistics + solve workspace + gathered W +
+        rows in flight). None = derived from the device (plan.device_budget: free memory minus a
+        reserve on a GPU, available RAM per local rank on CPU). The engine plans the fewest passes that fit
+        (passes.py) and prints the plan; a budget one unit alone cannot fit is a ConfigError naming
+        the unit and the bytes it needs, before any pass runs.
+    layer_groups: instead of a budget, collect in this many passes, each over a slice of the cost-only
+        owner plan's rounds (the earlier interface; not together with memory_budget).
+    reduce_every_step: the earlier way to bound non-owned statistics. On N > 1 ranks they now reach
+        their owners every micro-step anyway (as rows); it only changes when local sums (one rank)
+        are folded into the totals.
     micro_batch: split the given batches into sub-batches of at most this many samples (trailing
         all-padding columns trimmed): less activation memory, same result (statistics do not depend
         on batching).
@@ -109,19 +123,17 @@ def initialize_adapters(model_or_engine, config: Optional[AdapterConfig] = None,
         return run
     with run.timed("count"):
         _count(run, batches, micro_batch)
-    _plan(run)
-    rounds = run.plan.rounds()
-    bar = run.bar(len(rounds), f"{run.config.init}: solve rounds")
-    for group in run.plan.groups(layer_groups):
-        totals = _collect(run, [rounds[k] for k in group], len(run.plan.groups(layer_groups)),
-                          reduce_every_step) if run.stats else {}
-        for k in group:
+    _plan(run, memory_budget, layer_groups)
+    bar = run.bar(sum(len(rounds) for rounds in run.schedule), f"{run.config.init}: solve rounds")
+    for rounds in run.schedule:
+        totals = _collect(run, rounds, reduce_every_step) if run.stats else {}
+        for rd in rounds:
             with run.timed("gather"):
-                W_mine = _gather(run, rounds[k])
-            sols = _solve(run, rounds[k], W_mine, totals, n_train, lr, return_statistics)
+                W_mine = _gather(run, rd)
+            sols = _solve(run, rd, W_mine, totals, n_train, lr, return_statistics)
             with run.timed("write"):
                 for r in range(run.comm.world):
-                    for n in _modules_of(run, rounds[k][r]):
+                    for n in _modules_of(run, rd[r]):
                         _write_layer(run, run.mods[n], sols.get(n), r)
             bar.update(1)
         totals.clear()
@@ -148,8 +160,9 @@ def _setup(model_or_engine, config, stats_dtype, solve_dtype, progress):
         return InitReport(method=config.init, world=comm.world, n_layers=len(mods))
     method = get_method(config.init)
     opts = method.resolve_options(dict(config.init_options))
+    stats = method.stats_needed(opts) - {WEIGHT} if method.needs_data else frozenset()  # W-only: no pass
     return _Run(module=module, mods=mods, config=config, method=method, opts=opts,
-                stats=method.stats_needed(opts), stats_dtype=stats_dtype or method.stats_dtype or torch.float32,
+                stats=stats, stats_dtype=stats_dtype or method.stats_dtype or torch.float32,
                 solve_dtype=solve_dtype, comm=comm, show=progress and comm.rank == 0,
                 report=InitReport(method=config.init, world=comm.world, n_layers=len(mods)),
                 device=_model_device(module))
@@ -171,11 +184,15 @@ def _count(run: _Run, batches, micro_batch) -> None:
         raise ConfigError("calibration batches have no positions kept by the attention mask")
     run.batches, run.norms = bs, (n_samples, n_tok, n_pos)
     run.n_steps = run.comm.max_int(len(bs))
+    # positions per micro-step (a rank out of batches reruns its first one at zero weight)
+    mine = [int(bs[s if s < len(bs) else 0]["input_ids"].numel()) for s in range(run.n_steps)]
+    run.step_rows = [max(col) for col in zip(*run.comm.all_gather_object(mine))]
     run.report.n_samples, run.report.n_loss_tokens, run.report.n_positions = int(n_samples), int(n_tok), int(n_pos)
 
 
-def _plan(run: _Run) -> None:
-    """Phase plan: input groups (one probing forward, rank 0's answer broadcast) and the owner plan."""
+def _plan(run: _Run, memory_budget: Optional[int], layer_groups: Optional[int]) -> None:
+    """Phase plan: input groups (one probing forward, rank 0's answer broadcast), units, how each
+    unit's statistics travel, owners and passes (by bytes under the budget, or legacy layer groups)."""
     if INPUT_MOMENT in run.stats:
         with calibration_mode(run.module, run.mods, backward=False):
             owner = input_groups(run.module, run.mods, _to(run.batches[0], run.device))
@@ -185,43 +202,77 @@ def _plan(run: _Run) -> None:
     cost = lambda d_out, d_in: run.method.cost(d_out, d_in, run.config.r, run.opts)  # noqa: E731
     units = build_units(run.mods, run.input_owner, cost)
     run.units = {u.name: u.modules for u in units}
-    run.plan = run.report.plan = OwnerPlan.build(units, run.comm.world)
+    costs = collection_costs(run.mods, units, run.method, run.opts, run.config.r, run.comm.world, run.step_rows,
+                             {"compute": next(iter(run.mods.values())).weight.dtype, "stats": run.stats_dtype,
+                              "solve": run.solve_dtype})
+    run.unit_cost = {c.name: c for c in costs}
+    run.report.stats_bytes_total = sum(c.stats_bytes for c in costs)
+    run.rows_units = {c.name for c in costs if c.inflight_bytes > 0}
+    if layer_groups is not None:
+        if memory_budget is not None:
+            raise ConfigError("initialize_adapters: give memory_budget or layer_groups, not both")
+        run.plan = OwnerPlan.build(units, run.comm.world)
+        rounds = run.plan.rounds()
+        run.schedule = [[rounds[k] for k in g] for g in run.plan.groups(layer_groups)]
+    else:
+        if memory_budget is None:
+            memory_budget = device_budget(run.device, run.comm)
+        passes = plan_passes(costs, run.comm.world, int(memory_budget))
+        run.report.pass_plan = passes
+        if run.show:
+            tqdm.write(str(passes))
+        run.plan = OwnerPlan.assigned(units, run.comm.world, {r: [n for ps in passes.passes for n in ps.get(r, [])]
+                                                             for r in range(run.comm.world)})
+        run.schedule = [[{r: (ps[r][k] if k < len(ps.get(r, [])) else None) for r in range(run.comm.world)}
+                         for k in range(max(len(v) for v in ps.values()))] for ps in passes.passes]
+    run.report.plan = run.plan
+    run.report.old_design_bytes_per_rank = [
+        sum(c.stats_bytes for c in costs if run.plan.owner[c.name] != r) if run.comm.world > 1 else 0
+        for r in range(run.comm.world)]
 
 
 def _modules_of(run: _Run, unit: Optional[str]) -> List[str]:
     return run.units[unit] if unit else []
 
 
-def _collect(run: _Run, rounds: List[dict], n_groups: int, reduce_every_step: bool) -> Dict:
-    """Phase collect + reduce: one calibration pass over this group's modules; returns this rank's
-    owned totals (module -> slot -> summed tensor)."""
-    names = [n for rd in rounds for u in rd.values() for n in _modules_of(run, u)]
+def _collect(run: _Run, rounds: List[dict], reduce_every_step: bool) -> Dict:
+    """Phase collect + reduce: one calibration pass over these rounds' units; returns this rank's
+    owned totals (module -> slot -> summed tensor). Rows-mode units reach their owners during the
+    pass (stats.Collector); local-mode units are reduced to them after it (or after every step)."""
+    unit_names = [u for rd in rounds for u in rd.values() if u]
+    names = [n for u in unit_names for n in run.units[u]]
+    local = [n for u in unit_names if u not in run.rows_units for n in run.units[u]]
     run.report.passes += 1
     backward = run.method.needs_backward
-    coll = Collector({n: run.mods[n] for n in names}, run.stats, run.input_owner, run.stats_dtype,
-                     backward=backward)
-    totals: Dict[str, Dict[str, torch.Tensor]] = {}
+    coll = Collector({n: run.mods[n] for n in names}, {u: run.units[u] for u in unit_names}, run.plan.owner,
+                     run.rows_units & set(unit_names), run.stats, run.stats_dtype, backward, run.comm)
+    for u in coll.rows_units:  # what an all-reduce of these statistics would send, for the report
+        run.comm.allreduce_equivalent += 2 * (run.comm.world - 1) * run.unit_cost[u].stats_bytes // run.comm.world
     n_samples, n_tok, _ = run.norms
     with calibration_mode(run.module, run.mods, backward=backward):
         coll.attach()
         try:
-            sbar = run.bar(run.n_steps, f"{run.config.init}: statistics pass {run.report.passes}/{n_groups}")
+            sbar = run.bar(run.n_steps, f"{run.config.init}: statistics pass {run.report.passes}/{len(run.schedule)}")
             for step in range(run.n_steps):
                 with run.timed("collect"):
                     dummy = step >= len(run.batches)  # this rank has fewer batches: zero-weight pass
                     b = _to(run.batches[0 if dummy else step], run.device)
                     coll.ctx = step_context(b, run.opts, n_samples, n_tok, dummy)
+                    if coll.rows_units:  # every rank's token masks and weights (9 B a token)
+                        coll.peers = run.comm.all_gather_object((coll.ctx.mask, coll.ctx.weight))
+                        run.comm.sent += 9 * coll.ctx.mask.numel() * (run.comm.world - 1)
                     _forward_backward(run, b, backward, dummy)
-                run.stats_peak = max(run.stats_peak, coll.bytes_peak + _nbytes(totals))
-                if reduce_every_step:
-                    _reduce(run, coll, names, totals)
+                    coll.finish_step()
+                if reduce_every_step and local:
+                    _reduce(run, coll, local)
                 sbar.update(1)
             sbar.close()
         finally:
             coll.detach()
-    if not reduce_every_step:
-        _reduce(run, coll, names, totals)
-    run.stats_peak = max(run.stats_peak, coll.bytes_peak + _nbytes(totals))
+    if local:
+        _reduce(run, coll, local)
+    run.stats_peak = max(run.stats_peak, coll.peak)
+    totals = coll.totals
     bad = next((f"layer {n!r}: non-finite {k} statistic (phase: collect)"
                 for n, d in totals.items() for k, v in d.items() if not torch.isfinite(v).all()), None)
     run.comm.raise_if_any(bad, FloatingPointError)
@@ -238,8 +289,9 @@ def _forward_backward(run: _Run, b: dict, backward: bool, dummy: bool) -> None:
             run.module(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
 
 
-def _reduce(run: _Run, coll: Collector, names: List[str], totals: Dict) -> None:
-    """Reduce this rank's local sums to their owners, one slot at a time (freed once sent)."""
+def _reduce(run: _Run, coll: Collector, names: List[str]) -> None:
+    """Reduce this rank's local sums to their owners, one slot at a time (each freed once sent),
+    into the collector's owned totals."""
     with run.timed("reduce"):
         sums = coll.take()
         for n in sorted(names):
@@ -250,10 +302,13 @@ def _reduce(run: _Run, coll: Collector, names: List[str], totals: Dict) -> None:
                 local_t = sums.get(n, {}).pop(key, None)  # dropped once reduced: no copy lingers
                 if local_t is None:
                     local_t = torch.zeros(shape, dtype=run.stats_dtype, device=run.device)
+                coll.inflight = _nbytes(sums) + local_t.numel() * local_t.element_size()
                 red = run.comm.reduce_to(local_t, owner)
                 if red is not None:
-                    slot = totals.setdefault(n, {})
+                    slot = coll.totals.setdefault(n, {})
                     slot[key] = slot[key] + red if key in slot else red
+                coll.note()
+        coll.inflight = 0
 
 
 def _gather(run: _Run, rd: dict) -> Dict[str, torch.Tensor]:

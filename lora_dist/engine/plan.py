@@ -12,10 +12,14 @@ more groups mean more passes and less statistics memory.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional
 
+import torch
+
 from ..errors import ConfigError
+from .passes import UnitCost, unit_costs
 
 
 @dataclass
@@ -57,6 +61,15 @@ class OwnerPlan:
             plan.owner[u.name] = r
             plan.by_rank[r].append(u.name)
             plan.load[r] += u.cost
+        return plan
+
+    @classmethod
+    def assigned(cls, units: List[Unit], world: int, by_rank: Dict[int, List[str]]) -> "OwnerPlan":
+        """A plan with given owners and solve order (e.g. from the pass planner, passes.py)."""
+        plan = cls(world=world, units=list(units), by_rank={r: list(by_rank.get(r, [])) for r in range(world)})
+        cost = {u.name: u.cost for u in units}
+        plan.owner = {n: r for r, names in plan.by_rank.items() for n in names}
+        plan.load = [sum(cost[n] for n in plan.by_rank[r]) for r in range(world)]
         return plan
 
     # -- queries ---------------------------------------------------------------------------------
@@ -105,3 +118,51 @@ class OwnerPlan:
                 u = self.unit(name)
                 lines.append(f"    {name}  [{len(u.modules)} module(s), cost {u.cost:.3g}]")
         return "\n".join(lines)
+
+
+# -- by bytes: the statistics' cost per unit, the device budget, passes (passes.py) --------------
+def collection_costs(mods: Dict, units: List[Unit], method, opts: Dict, r: int, world: int,
+                     step_rows: List[int], dtypes: Dict[str, torch.dtype]) -> List[UnitCost]:
+    """Each unit's bytes (statistics, solve workspace, W, rows in flight, wire) from the one
+    accounting the memory tool uses (passes.unit_costs), for this run's micro-steps.
+
+    On N > 1 ranks a unit's statistics travel as rows (its inputs and output gradients, to the
+    owner every micro-step), so no rank holds a copy of statistics it does not own. Local sums
+    reduced once would send fewer bytes where d_in² < steps·T·(d_in + Σd_out) (small layers, many
+    tokens, as in the tests), but every rank would hold them for the whole pass: memory decides.
+    One rank: local sums (they are the totals), `inflight_bytes` and `wire_bytes` 0."""
+    modules = [(n, mods[n].out_features, mods[n].in_features, u.name) for u in units for n in u.modules]
+    size = {k: torch.empty((), dtype=v).element_size() for k, v in dtypes.items()}
+    costs = unit_costs(modules, method, opts, r, world=world, tokens_per_step=max(step_rows, default=1),
+                       steps_per_rank=max(1, len(step_rows)), stats_itemsize=size["stats"],
+                       solve_itemsize=size["solve"], compute_itemsize=size["compute"])
+    out = []
+    for c in costs:
+        if world == 1 or not c.inflight_bytes:
+            c = replace(c, inflight_bytes=0, wire_bytes=0)
+        out.append(c)
+    return out
+
+
+def device_budget(device: torch.device, comm) -> int:
+    """Bytes per rank when no budget is given: on a GPU, free memory minus a reserve of
+    max(2 GiB, 10% of the device) for the calibration forward/backward; on CPU, available RAM
+    (MemAvailable) split over the ranks of this node, minus 10%. The smallest over ranks, so every
+    rank plans the same passes."""
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        mine = free - max(2 * 1024 ** 3, total // 10)
+    else:
+        mine = int(_available_ram() * 0.9) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return -comm.max_int(-int(mine))
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from .passes import PassPlan
 from .plan import OwnerPlan
 
 
@@ -27,13 +28,16 @@ class InitReport:
     stats_peak_bytes_per_rank: List[int] = field(default_factory=list)  # measured: live tensors
     weight_peak_bytes_per_rank: List[int] = field(default_factory=list)
     rss_peak_mib_per_rank: List[float] = field(default_factory=list)
+    old_design_bytes_per_rank: List[int] = field(default_factory=list)  # local sums + one reduce, same plan
     plan: Optional[OwnerPlan] = None
+    pass_plan: Optional[PassPlan] = None  # passes, units per pass, predicted peak and wire bytes
     layer_info: Dict[str, dict] = field(default_factory=dict)
     statistics: Dict[str, dict] = field(default_factory=dict)  # with return_statistics: owner's layers only
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k not in ("plan", "statistics")}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("plan", "pass_plan", "statistics")}
         d["plan"] = self.plan.to_dict() if self.plan else None
+        d["pass_plan"] = self.pass_plan.to_dict() if self.pass_plan else None
         return d
 
     def summary(self) -> str:

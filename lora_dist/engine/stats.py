@@ -8,6 +8,10 @@ sample i is ∂L_i/∂y_t. The statistics are accumulated there, once per real b
 - with non-reentrant checkpointing the recompute's outputs are not in the graph and never get δ:
   counted once.
 A forward-only method (input moments only) runs under no_grad and accumulates in the forward hook.
+
+Sharded while collected (`Collector`): a unit's rows of a micro-step (x and each module's δ, in the
+compute dtype) go to the unit's owner, which forms the products in the statistics dtype, rank by
+rank, so no rank holds statistics it does not own (see Collector for the one exception).
 """
 from __future__ import annotations
 
@@ -33,23 +37,47 @@ class StepContext:
 
 
 class Collector:
-    """Local (this rank's) sums of the requested statistics for a set of modules.
+    """Statistics of a set of units, sharded while they are collected.
 
-    `modules`: name -> AdapterLinear; `stats`: the statistics to collect; `input_owner`: module ->
-    the module whose input moment it shares (its group's first module).
+    A unit (modules reading one input, plan.py) is collected in one of two modes, the same on every
+    rank:
+    - "rows": once a micro-step's hooks have produced all of a unit's rows (input x, T×d_in, and
+      each module's δ, T×d_out, in the compute dtype), they go to the unit's owner in one gather;
+      the owner forms the products in the statistics dtype and adds them, rank by rank, into its
+      owned totals. No rank holds another rank's statistics; in flight: one unit's rows.
+    - "local": every rank adds its own products into local sums, reduced to the owner after the
+      pass (engine). Used on one rank, where the local sums are the totals (plan.collection_costs).
+
+    `ctx` is this rank's StepContext; `peers` every rank's (mask, weight) for the step (rows mode).
+    `peak` is the largest number of bytes of live statistics tensors seen (owned totals, local sums,
+    rows in flight and the product temporaries), measured from the tensors themselves.
     """
 
-    def __init__(self, modules: Dict, stats: frozenset, input_owner: Dict[str, str], dtype: torch.dtype,
-                 backward: bool):
-        self.modules = modules
-        self.stats = stats
-        self.input_owner = input_owner
-        self.dtype = dtype
-        self.backward = backward
+    CHUNK = 512  # positions converted to the statistics dtype at a time (bounds the temporaries)
+
+    def __init__(self, modules: Dict, units: Dict[str, List[str]], owner: Dict[str, int], rows_units: set,
+                 stats: frozenset, dtype: torch.dtype, backward: bool, comm):
+        self.modules, self.units, self.owner = modules, units, owner
+        self.rows_units = rows_units
+        self.stats, self.dtype, self.backward, self.comm = stats, dtype, backward, comm
+        self.unit_of = {n: u for u, ms in units.items() for n in ms}
         self.ctx: Optional[StepContext] = None
-        self.sums: Dict[str, Dict[str, torch.Tensor]] = {}
+        self.peers: List = []
+        self.totals: Dict[str, Dict[str, torch.Tensor]] = {}   # owned units, rows mode: the totals
+        self.sums: Dict[str, Dict[str, torch.Tensor]] = {}     # local mode: this rank's own sums
+        self.pending: Dict[str, Dict[str, tuple]] = {}
         self.handles: List = []
-        self.bytes_peak = 0
+        self.peak = 0
+        self.inflight = 0
+        device = None
+        for u in sorted(rows_units):
+            if owner[u] == comm.rank:
+                for n in units[u]:
+                    m = modules[n]
+                    device = m.weight.ds_tensor.device if hasattr(m.weight, "ds_tensor") else m.weight.device
+                    self.totals[n] = {k: torch.zeros(s, dtype=dtype, device=device)
+                                      for k, s in slot_shapes(stats, m.out_features, m.in_features, n == u).items()}
+        self.note()
 
     # -- hooks -----------------------------------------------------------------------------------
     def attach(self):
@@ -66,62 +94,121 @@ class Collector:
             x = inputs[0]
             if self.backward:
                 if torch.is_grad_enabled() and out.requires_grad:
-                    out.register_hook(lambda d, x=x: self._accumulate(name, x.detach(), d.detach()))
+                    out.register_hook(lambda d, x=x: self._arrive(name, x.detach(), d.detach()))
             elif not torch.is_grad_enabled():
-                self._accumulate(name, x.detach(), None)
+                self._arrive(name, x.detach(), None)
         return hook
 
-    # -- accumulation ----------------------------------------------------------------------------
-    def _slot(self, name, key, shape, device):
-        d = self.sums.setdefault(name, {})
+    def _arrive(self, name, x, delta):
+        if x.reshape(-1, x.shape[-1]).shape[0] != self.ctx.mask.numel():
+            raise RuntimeError(f"module {name!r}: its input has {x.reshape(-1, x.shape[-1]).shape[0]} positions "
+                               f"but the batch has {self.ctx.mask.numel()} (input shape {tuple(x.shape)}, batch "
+                               f"{self.ctx.shape}); statistics need one input row per token")
+        unit = self.unit_of[name]
+        if unit not in self.rows_units:
+            self._products(self.sums, [name], x, {name: delta} if delta is not None else {},
+                           self.ctx.mask, self.ctx.weight, own_input=(name == unit))
+            return
+        if not self.backward and name != unit:
+            return  # forward-only: the unit's input, once
+        pend = self.pending.setdefault(unit, {})
+        pend[name] = (x, delta)
+        if len(pend) == (len(self.units[unit]) if self.backward else 1):
+            del self.pending[unit]
+            self._ship(unit, pend)
+
+    def finish_step(self) -> None:
+        """After a micro-step's backward: every rows-mode unit has been shipped (same on all ranks)."""
+        if self.pending:
+            raise RuntimeError(f"units {sorted(self.pending)}: not every module received an output gradient "
+                               "in this micro-step, so their rows were never sent")
+
+    # -- rows mode -------------------------------------------------------------------------------
+    def _ship(self, unit, pend):
+        """Gather the unit's rows of this micro-step to its owner, which adds their products."""
+        mods = self.units[unit]
+        x = pend[unit][0] if unit in pend else next(iter(pend.values()))[0]
+        parts = [x.reshape(-1, x.shape[-1])]
+        if self.backward:
+            parts += [pend[n][1].reshape(-1, pend[n][1].shape[-1]).to(x.dtype) for n in mods]
+        buf = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0].contiguous()
+        rows = max(m.numel() for m, _ in self.peers)
+        got = self.comm.gather_rows(buf, rows, self.owner[unit])
+        self.inflight = _nb(buf) + (sum(_nb(t) for t in got) if got is not None else 0)
+        self.note()
+        del buf, parts, pend
+        if got is not None:
+            d_in = x.shape[-1]
+            widths = [self.modules[n].out_features for n in mods] if self.backward else []
+            for r, t in enumerate(got):
+                mask, w = self.peers[r]
+                t = t[: mask.numel()]
+                cols = torch.split(t, [d_in] + widths, dim=1)
+                self._products(self.totals, mods, cols[0], dict(zip(mods, cols[1:])), mask.to(t.device),
+                               w.to(t.device), own_input=True)
+                got[r] = None  # freed once added
+        self.inflight = 0
+
+    # -- products --------------------------------------------------------------------------------
+    def _products(self, target, mods, x, deltas, mask_all, w_all, own_input):
+        """Add Σxᵀx, Σx (the unit's first module) and each module's g = Σ w_t δ_tᵀx_t, Σδ², Σδᵀδ over
+        the rows x (T×d_in), δ (T×d_out) into `target`, CHUNK positions at a time in the statistics dtype."""
+        xf = x.reshape(-1, x.shape[-1])
+        dev, d_in = xf.device, xf.shape[1]
+        mask_all, w_all = mask_all.to(dev), w_all.to(device=dev, dtype=self.dtype)
+        for s in range(0, xf.shape[0], self.CHUNK):
+            x2 = xf[s:s + self.CHUNK].to(self.dtype)
+            mask = mask_all[s:s + self.CHUNK]
+            temp = _nb(x2)
+            if INPUT_MOMENT in self.stats and own_input:
+                xm = x2[mask]
+                self._slot(target, mods[0], "second", (d_in, d_in), dev).addmm_(xm.T, xm)
+                self._slot(target, mods[0], "sum", (d_in,), dev).add_(xm.sum(0))
+                self.note(temp + 2 * _nb(xm))
+                del xm
+            for n, delta in deltas.items():
+                d2 = delta.reshape(-1, delta.shape[-1])[s:s + self.CHUNK].to(self.dtype)
+                d_out = d2.shape[1]
+                if WEIGHT_GRADIENT in self.stats:
+                    dw = d2 * w_all[s:s + self.CHUNK, None]
+                    self._slot(target, n, "g", (d_out, d_in), dev).addmm_(dw.T, x2)
+                    self.note(temp + _nb(d2) + _nb(dw))
+                    del dw
+                if OUTPUT_GRAD_DIAG in self.stats or OUTPUT_GRAD_FULL in self.stats:
+                    dm = d2[mask]
+                    if OUTPUT_GRAD_DIAG in self.stats:
+                        self._slot(target, n, "G_diag", (d_out,), dev).add_((dm * dm).sum(0))
+                    if OUTPUT_GRAD_FULL in self.stats:
+                        self._slot(target, n, "G_full", (d_out, d_out), dev).addmm_(dm.T, dm)
+                    self.note(temp + _nb(d2) + 2 * _nb(dm))
+                del d2
+
+    def _slot(self, target, name, key, shape, device):
+        d = target.setdefault(name, {})
         if key not in d:
             d[key] = torch.zeros(shape, dtype=self.dtype, device=device)
         return d[key]
 
-    # Positions converted to the accumulation dtype at a time: bounds the temporaries (a float64
-    # copy of x and δ) whatever the micro-batch, e.g. 512 × 28672 × 8 B = 117 MB at 70B's down_proj.
-    CHUNK = 512
-
-    def _accumulate(self, name, x, delta):
-        ctx = self.ctx
-        xf = x.reshape(-1, x.shape[-1])
-        if xf.shape[0] != ctx.mask.numel():
-            raise RuntimeError(f"module {name!r}: its input has {xf.shape[0]} positions but the batch has "
-                               f"{ctx.mask.numel()} (input shape {tuple(x.shape)}, batch {ctx.shape}); "
-                               "statistics need one input row per token")
-        dev, d_in = xf.device, xf.shape[1]  # statistics live where the layer runs
-        df = None if delta is None else delta.reshape(-1, delta.shape[-1])
-        mask_all = ctx.mask.to(dev)
-        w_all = ctx.weight.to(device=dev, dtype=self.dtype)
-        own_input = INPUT_MOMENT in self.stats and self.input_owner.get(name) == name
-        for s in range(0, xf.shape[0], self.CHUNK):
-            x2 = xf[s:s + self.CHUNK].to(self.dtype)
-            mask = mask_all[s:s + self.CHUNK]
-            if own_input:
-                xm = x2[mask]
-                self._slot(name, "second", (d_in, d_in), dev).addmm_(xm.T, xm)
-                self._slot(name, "sum", (d_in,), dev).add_(xm.sum(0))
-                del xm
-            if df is None:
-                continue
-            d2 = df[s:s + self.CHUNK].to(self.dtype)
-            if WEIGHT_GRADIENT in self.stats:
-                w = w_all[s:s + self.CHUNK]
-                self._slot(name, "g", (d2.shape[1], d_in), dev).addmm_((d2 * w[:, None]).T, x2)
-            if OUTPUT_GRAD_DIAG in self.stats or OUTPUT_GRAD_FULL in self.stats:
-                dm = d2[mask]
-                if OUTPUT_GRAD_DIAG in self.stats:
-                    self._slot(name, "G_diag", (d2.shape[1],), dev).add_((dm * dm).sum(0))
-                if OUTPUT_GRAD_FULL in self.stats:
-                    self._slot(name, "G_full", (d2.shape[1], d2.shape[1]), dev).addmm_(dm.T, dm)
-        self.bytes_peak = max(self.bytes_peak, self.nbytes())
-
+    # -- accounting ------------------------------------------------------------------------------
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for d in self.sums.values() for t in d.values())
+        return _nbytes(self.totals) + _nbytes(self.sums)
+
+    def note(self, temporaries: int = 0) -> None:
+        """Record the bytes of live statistics tensors now (plus the caller's temporaries)."""
+        self.peak = max(self.peak, self.nbytes() + self.inflight + temporaries)
 
     def take(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """This rank's local-mode sums, handed over (to be reduced to their owners)."""
         sums, self.sums = self.sums, {}
         return sums
+
+
+def _nb(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def _nbytes(d) -> int:
+    return sum(_nb(t) for v in d.values() for t in v.values())
 
 
 def slot_shapes(stats: frozenset, d_out: int, d_in: int, owns_input: bool) -> Dict[str, tuple]:

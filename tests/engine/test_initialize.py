@@ -210,3 +210,49 @@ def test_eva_needs_no_labels():
         assert torch.equal(with_labels[n][0], without[n][0]) and torch.equal(with_labels[n][1], without[n][1])
     with pytest.raises(ld.ConfigError, match="factor_positions='loss' needs labels"):
         run(True, {"factor_positions": "loss"})
+
+
+@pytest.mark.parametrize("init,kind", [("pissa", "lora"), ("milora", "lora"), ("olora", "lora"), ("lora_xs", "lora_xs")])
+def test_weight_only_inits_need_no_batches_and_run_no_forward(init, kind):
+    """Issue 11: an init that reads only W takes no calibration data and runs no forward pass; the
+    result is the one it gives when batches are passed (they are not used)."""
+    def run(batches):
+        model = tiny_llama().double()
+        cfg = ld.AdapterConfig(kind=kind, init=init, r=4, target_modules=TARGETS)
+        ld.inject_adapters(model, cfg)
+        calls = []
+        h = model.register_forward_pre_hook(lambda *a: calls.append(1))
+        rep = ld.initialize_adapters(model, cfg, batches, progress=False)
+        h.remove()
+        return model, rep, calls
+
+    model, rep, calls = run(None)
+    assert calls == [] and rep.passes == 0 and rep.stats_bytes_total == 0
+    ref, _, _ = run(make_batches(samples(3), 2))
+    a, b = _adapters(model), _adapters(ref)
+    assert len(a) == 14
+    for n in a:
+        assert torch.equal(a[n][0], b[n][0]) and torch.equal(a[n][1], b[n][1])
+    W = {n: m.weight for n, m in ld.adapter_modules(model)}
+    for n, m in ld.adapter_modules(ref):
+        assert torch.equal(W[n], m.weight)
+
+
+def test_memory_budget_cuts_passes_by_bytes_and_a_budget_too_small_is_named():
+    smp = samples(8, base_len=14)
+    _, full = engine_statistics(smp, micro=3)
+    assert full.passes == 1 and full.pass_plan is not None
+    units = full.pass_plan.units.values()
+    largest = max(u.stats_bytes + u.solve_bytes for u in units)
+    budget = full.stats_bytes_total // 2 + largest  # about half the statistics per pass
+    model, rep = engine_statistics(smp, micro=3, memory_budget=budget)
+    assert rep.passes == rep.pass_plan.n_passes >= 2
+    assert rep.stats_bytes_total == full.stats_bytes_total == sum(u.stats_bytes for u in units)
+    assert max(rep.stats_peak_bytes_per_rank) <= budget
+    assert max(rep.stats_peak_bytes_per_rank) < max(full.stats_peak_bytes_per_rank)
+    for n, st in rep.statistics.items():
+        _close(st[WEIGHT_GRADIENT], full.statistics[n][WEIGHT_GRADIENT], 1e-12)
+    with pytest.raises(ld.ConfigError, match=r"too small for unit 'model\.layers\.\d\.\w+\.\w+': it needs \d+ B"):
+        engine_statistics(smp, micro=3, memory_budget=10_000)
+    with pytest.raises(ld.ConfigError, match="memory_budget or layer_groups, not both"):
+        engine_statistics(smp, micro=3, memory_budget=budget, layer_groups=2)

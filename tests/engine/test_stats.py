@@ -1,16 +1,17 @@
-"""engine/stats.py on its own: the Collector's statistics for one nn.Linear against a float64 hand
-computation (Σxᵀx and Σx over the position mask, g = Σ_t w_t δ_tᵀx_t over every position, diag and
+"""engine/stats.py on its own: the Collector's statistics for one nn.Linear (as local sums and as
+rows shipped to the owner) against a float64 hand computation (Σxᵀx and Σx over the position mask, g = Σ_t w_t δ_tᵀx_t over every position, diag and
 full Σδᵀδ over the mask), and the position/weight semantics of step_context."""
 import torch
 import torch.nn as nn
 
+from lora_dist.comm import Comm
 from lora_dist.engine.methods import INPUT_MOMENT, OUTPUT_GRAD_DIAG, OUTPUT_GRAD_FULL, WEIGHT_GRADIENT
 from lora_dist.engine.stats import Collector, StepContext, local_counts, position_mask, step_context
 
 ALL = frozenset({INPUT_MOMENT, WEIGHT_GRADIENT, OUTPUT_GRAD_DIAG, OUTPUT_GRAD_FULL})
 
 
-def _run(stats, backward, chunk=None):
+def _run(stats, backward, chunk=None, rows=False):
     g = torch.Generator().manual_seed(0)
     lin = nn.Linear(7, 5, bias=False).double()
     lin.weight.data = torch.randn(5, 7, generator=g, dtype=torch.float64)
@@ -18,10 +19,12 @@ def _run(stats, backward, chunk=None):
     mask = torch.rand(2, 9, generator=g) > 0.3
     w = torch.tensor([[0.25], [0.5]], dtype=torch.float64).expand(2, 9)
     target = torch.randn(2, 9, 5, generator=g, dtype=torch.float64)
-    coll = Collector({"lin": lin}, stats, {"lin": "lin"}, torch.float64, backward=backward)
+    coll = Collector({"lin": lin}, {"lin": ["lin"]}, {"lin": 0}, {"lin"} if rows else set(), stats,
+                     torch.float64, backward, Comm())
     if chunk:
         coll.CHUNK = chunk
     coll.ctx = StepContext(mask, w)
+    coll.peers = [(coll.ctx.mask, coll.ctx.weight)]  # rows mode: every rank's masks and weights
     coll.attach()
     try:
         xin = x.clone().requires_grad_(backward)
@@ -31,6 +34,7 @@ def _run(stats, backward, chunk=None):
         else:
             with torch.no_grad():
                 lin(xin)
+        coll.finish_step()
     finally:
         coll.detach()
     delta = 2 * (x @ lin.weight.T - target)          # ∂L/∂y by hand
@@ -38,19 +42,22 @@ def _run(stats, backward, chunk=None):
     ref = {"second": xf[m].T @ xf[m], "sum": xf[m].sum(0), "g": (df * wf[:, None]).T @ xf,
            "G_diag": (df[m] ** 2).sum(0), "G_full": df[m].T @ df[m]}
     assert not lin._forward_hooks
-    return coll.take()["lin"], ref
+    got = coll.totals["lin"] if rows else coll.take()["lin"]
+    assert coll.peak >= sum(t.numel() * t.element_size() for t in got.values())  # live tensors, measured
+    return got, ref
 
 
 def test_collector_matches_hand_float64_statistics():
-    for chunk in (None, 4):  # chunked conversion gives the same sums
-        got, ref = _run(ALL, backward=True, chunk=chunk)
+    # local sums, and rows shipped to the owner (a one-rank Comm: the owner is this process)
+    for chunk, rows in ((None, False), (4, False), (None, True), (4, True)):  # chunks: the same sums
+        got, ref = _run(ALL, backward=True, chunk=chunk, rows=rows)
         assert set(got) == set(ref)
         for k in ref:
             assert torch.allclose(got[k], ref[k], rtol=1e-12, atol=1e-12), k
 
 
 def test_forward_only_collects_input_moments_in_the_forward_hook():
-    got, ref = _run(frozenset({INPUT_MOMENT}), backward=False)
+    got, ref = _run(frozenset({INPUT_MOMENT}), backward=False, rows=True)
     assert set(got) == {"second", "sum"}
     assert torch.allclose(got["second"], ref["second"], rtol=1e-12) and torch.allclose(got["sum"], ref["sum"])
 

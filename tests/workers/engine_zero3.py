@@ -13,7 +13,8 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lora_dist as ld  # noqa: E402
 from lora_dist.zero import read_full  # noqa: E402
-from calib_data import METHODS, TARGETS, calibration_samples, make_batches  # noqa: E402
+from calib_data import (ACCEPTANCE_INIT, ACCEPTANCE_SAMPLES, METHODS, TARGETS, calibration_samples, lora_da_stats_bytes,  # noqa: E402
+                        make_batches, uneven_shard)
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", required=True)
@@ -23,6 +24,11 @@ p.add_argument("--micro", type=int, default=2)
 p.add_argument("--layer_groups", type=int, default=None)
 p.add_argument("--reduce_every_step", action="store_true")
 p.add_argument("--first_step_check", action="store_true")
+p.add_argument("--r", type=int, default=4)
+p.add_argument("--methods", default=",".join(METHODS), help="comma-separated keys of calib_data.METHODS")
+p.add_argument("--uneven", action="store_true", help="contiguous shares proportional to rank + 1")
+p.add_argument("--acceptance_model", default=None,
+               help="also run issue 11's acceptance: LoRA-DA on this model under the formula budget")
 p.add_argument("--local_rank", type=int, default=0)
 args = p.parse_args()
 
@@ -55,16 +61,20 @@ def snapshot(model):
     return dict(zip(names, read_full(params)))
 
 
-shard = calibration_samples()[rank::world]  # as a DistributedSampler without shuffling gives it
+# as a DistributedSampler without shuffling gives it, or an uneven split (ranks run out at different steps)
+shard = uneven_shard(calibration_samples(), rank, world) if args.uneven else calibration_samples()[rank::world]
 batches = make_batches(shard, args.micro)
 report = {}
-for name, kw in METHODS.items():
-    cfg = ld.AdapterConfig(r=4, alpha=8, target_modules=TARGETS, seed=11, **kw)
+for name, kw in [(n, METHODS[n]) for n in args.methods.split(",") if n]:
+    cfg = ld.AdapterConfig(r=args.r, alpha=8, target_modules=TARGETS, seed=11, **kw)
     engine, keep = engine_for(cfg)
     rep = ld.initialize_adapters(engine, cfg, batches, layer_groups=args.layer_groups,
                                  reduce_every_step=args.reduce_every_step, progress=False)
     state = snapshot(engine.module)
     r = {"passes": rep.passes, "owner": rep.plan.owner, "sent": rep.reduce_bytes_per_rank,
+         "stats_bytes_total": rep.stats_bytes_total,
+         "predicted_sent": [sum(ws[r] for ws in rep.pass_plan.wire_sent) for r in range(world)]
+         if rep.pass_plan else None,
          "allreduce": rep.allreduce_bytes_per_rank, "stats_peak": rep.stats_peak_bytes_per_rank,
          "phases": rep.phases_per_rank, "solve_load": rep.solve_load,
          "no_optimizer_state": len(engine.optimizer.optimizer.state) == 0,
@@ -95,6 +105,22 @@ for name, kw in METHODS.items():
         report[name] = r
     del engine, keep
     dist.barrier()
+if args.acceptance_model:
+    # issue 11: budget = 1.25·total/N + 3 × the largest unit's statistics, from the shapes
+    total, largest = lora_da_stats_bytes(256, 688, 5)
+    budget = int(1.25 * total / world + 3 * largest)
+    args.model = args.acceptance_model
+    cfg = ld.AdapterConfig(r=6, alpha=8, target_modules=TARGETS, seed=11, **ACCEPTANCE_INIT)
+    engine, keep = engine_for(cfg)
+    rep = ld.initialize_adapters(engine, cfg, make_batches(uneven_shard(ACCEPTANCE_SAMPLES(), rank, world), 2),
+                                 memory_budget=budget, progress=False)
+    state = snapshot(engine.module)  # collective
+    if rank == 0:
+        torch.save(state, os.path.join(args.out, f"{args.tag}_acceptance.pt"))
+        report["acceptance"] = {"budget": budget, "total_from_shapes": total, "passes": rep.passes,
+                                "stats_bytes_total": rep.stats_bytes_total, "stats_peak": rep.stats_peak_bytes_per_rank,
+                                "predicted_peak": rep.pass_plan.max_peak(), "sent": rep.bytes_sent_per_rank,
+                                "old_design": rep.old_design_bytes_per_rank}
 if rank == 0:
     with open(os.path.join(args.out, f"{args.tag}.json"), "w") as f:
         json.dump(report, f, indent=1)
