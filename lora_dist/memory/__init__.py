@@ -6,6 +6,8 @@
 * plan: per-GPU peak, largest micro-batch that fits and host RAM for offload.
 * measure: a real CPU step measured against the meta-device prediction (and a CUDA path).
 * init_cost: the data-aware init's memory, passes, wire bytes and time (docs/init_cost.md).
+* update rules: LoRA-Pro's full-size moments on their owner ranks, LoRA-FA's r×r projection
+  (`update_rule_states`, `--update-rule`; docs/update_rules.md).
 
 `python -m lora_dist.memory --help` accounts one configuration; see docs/memory.md.
 """
@@ -13,7 +15,8 @@ from .activations import (ADAPTER_MODES, ALL_PROJ, CATEGORIES, MODES, Activation
                           LiveTensorTracker, MemoryConfigError, SavedActivationTracker, StepProfile,
                           TrainSpec, account_activations, build_model, list_presets, load_preset,
                           make_batch, measure_saved_activations, meta_shims, simulate_step)
-from .budget import ActivationProfile, MemoryPlan, activation_profile, count_params, plan_memory
+from .budget import (UPDATE_RULES, ActivationProfile, MemoryPlan, activation_profile, count_params, plan_memory,
+                     update_rule_states)
 from .states import (Cluster, ModelStates, ParamStats, ZeroConfig, deepspeed_estimate, model_states,
                      param_stats)
 from .measure import (Comparison, compare_cpu, compare_cpu_many, measure_cpu_step, measure_cpu_steps,
@@ -26,7 +29,8 @@ __all__ = [
     "MemoryConfigError", "SavedActivationTracker", "StepProfile", "TrainSpec", "account_activations",
     "build_model", "list_presets", "load_preset", "make_batch", "measure_saved_activations",
     "meta_shims", "simulate_step", "ActivationProfile", "MemoryPlan", "activation_profile",
-    "count_params", "plan_memory", "Cluster", "ModelStates", "ParamStats", "ZeroConfig",
+    "count_params", "plan_memory", "UPDATE_RULES", "update_rule_states", "Cluster", "ModelStates",
+    "ParamStats", "ZeroConfig",
     "deepspeed_estimate", "model_states", "param_stats", "Comparison", "compare_cpu",
     "compare_cpu_many", "measure_cpu_step", "measure_cpu_steps", "run_cpu_step", "run_cuda_step", "measure_cuda_step", "InitCost", "InitSpec", "Rates", "init_cost", "main",
 ]
