@@ -28,7 +28,7 @@ if REPO not in sys.path:
 
 import lora_dist as ld  # noqa: E402
 from lora_dist.comm import Comm  # noqa: E402
-from lora_dist.errors import ConfigError, LoraDistError  # noqa: E402
+from lora_dist.errors import ConfigError, DataError, LoraDistError  # noqa: E402
 from lora_dist.job import checkpoint, data  # noqa: E402
 from lora_dist.job.args import TrainConfig, parse_args  # noqa: E402
 from lora_dist.job.demo import demo_presets, resolve_model  # noqa: E402
@@ -235,7 +235,7 @@ def check_inputs(args: TrainConfig, out_dir: str, world: int, judge_output: bool
     """Every check that needs no tokenizing and no weights; returns (records, AdapterConfig).
 
     All problems found are reported together, one per line, so a user fixes them in one go."""
-    problems, records, config = [], None, None
+    problems = []
 
     def check(fn):
         try:
@@ -246,8 +246,7 @@ def check_inputs(args: TrainConfig, out_dir: str, world: int, judge_output: bool
     if judge_output:
         check(lambda: _check_output_dir(args, out_dir))
     config = check(args.adapter_config)
-    if check(lambda: data.check_data_path(args.data)) is not None:
-        records = check(lambda: data.load_records(args.data))
+    records = check(lambda: _load_data(args.data))
     model_ok = check(lambda: _check_model(args.model)) is not None
     n_train = len(records) - args.eval_size if records is not None else args.batch_size
     hidden = (_hidden_size(args.model) if os.path.isdir(args.model) else preset_config(args.model)["hidden_size"]) \
@@ -256,6 +255,14 @@ def check_inputs(args: TrainConfig, out_dir: str, world: int, judge_output: bool
     if problems:
         raise LoraDistError("\nerror: ".join(problems))
     return records, config
+
+
+def _load_data(path: str):
+    try:
+        data.check_data_path(path)
+        return data.load_records(path)
+    except DataError as e:
+        raise DataError(f"--data: {e}") from None
 
 
 def _check_model(model: str) -> bool:

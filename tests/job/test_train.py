@@ -200,7 +200,7 @@ def test_bad_inputs_on_two_ranks_print_one_line_each_from_rank_0(tmp_path):
     expected = [
         f"error: --output_dir '{used}' holds a previous run (metrics.jsonl): pass --resume",
         "error: --adapter dora --init pissa: AdapterConfig: init='pissa' does not apply to kind='dora'",
-        f"error: dataset path '{tmp_path / 'nope.jsonl'}' does not exist",
+        f"error: --data: dataset path '{tmp_path / 'nope.jsonl'}' does not exist",
         f"error: --model '{tmp_path / 'llama-7b'}' is neither a local model directory nor a buildable preset",
         "error: --batch_size 3 is not a multiple of --micro_batch_size 8 x 2 rank(s) = 16",
     ]
@@ -237,7 +237,7 @@ def test_bad_inputs_fail_before_training(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     err = run("--output_dir", str(out), "--ds_config", str(bad), "--batch_size", "4", "--data", str(empty))
-    assert "is not writable" in err and f"error: dataset file {empty} is empty" in err
+    assert "is not writable" in err and f"error: --data: dataset file {empty} is empty" in err
     assert "train_batch_size is 3 in the config but train_batch_size (--batch_size) is 4" in err
     # a run that did finish (or was killed) is neither overwritten silently nor resumed from nothing
     used = tmp_path / "used"
