@@ -7,9 +7,10 @@ Every rank builds one engine per rule (plain LoRA with AdamW, LoRA-FA's projecti
 LoRA-Pro's full rule with its inner SGD, LoRA-Pro light with AdamW, LoRA+ at ratio 16 with AdamW),
 takes one untimed warm-up step with each, then runs `--repeats` rounds; a round times one optimizer
 step (forward, backward, LoRA-Pro's adjust_gradients, step, between two barriers) of every rule, in
-an order rotated from round to round, on the same batch. The table gives each rule's median step and
-its ratio to plain's median from the same rounds: on a shared, noisy machine only this interleaving
-makes the rules comparable.
+an order rotated from round to round, on the same batch. The table gives each rule's median step,
+its ratio to plain's median from the same rounds, and the median and range of the per-round ratios
+rule/plain, which show the noise: on a shared machine only this interleaving makes the rules
+comparable.
 
 Memory per rank is what each engine holds across steps for the adapters, read from the live
 objects after the last step (largest rank): the fp32 master partitions, the
@@ -154,13 +155,17 @@ def moment_rows(r: int = 16) -> list:
 
 
 def summarize(raw: dict) -> dict:
-    """Median step per rule, its ratio to plain's, and per-rank memory (largest rank) with ratios."""
+    """Median step per rule, its ratio to plain's median, the median and range of the per-round
+    ratios rule/plain (the noise), and per-rank memory (largest rank) with ratios."""
     med = {n: statistics.median(ts) for n, ts in raw["times"].items()}
     rows = {}
     for n in raw["times"]:
         parts = {k: max(m[n][k] for m in raw["memory_by_rank"]) for k in ("master", "optimizer", "rule_state")}
         total = max(sum(m[n].values()) for m in raw["memory_by_rank"])
-        rows[n] = {"median_step_s": med[n], "step_ratio": med[n] / med["plain"], "memory_bytes": total, **parts}
+        paired = [t / t0 for t, t0 in zip(raw["times"][n], raw["times"]["plain"])]  # same round
+        rows[n] = {"median_step_s": med[n], "step_ratio": med[n] / med["plain"],
+                   "paired_ratio_median": statistics.median(paired), "paired_ratio_min": min(paired),
+                   "paired_ratio_max": max(paired), "memory_bytes": total, **parts}
     for n in rows:
         rows[n]["memory_ratio"] = rows[n]["memory_bytes"] / rows["plain"]["memory_bytes"]
     return rows
@@ -170,10 +175,12 @@ def _print(rows: dict, moments: list, raw: dict, args) -> None:
     mib = 2 ** 20
     print(f"{args.preset}, all-linear r = {args.r}, {raw['world']} ZeRO-3 ranks, global batch {args.batch} x "
           f"{args.seq} tokens, {args.repeats} interleaved rounds (medians)")
-    print("| rule | step ms | step / plain | state MiB per rank | state / plain | fp32 master | Adam states | rule state |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| rule | step ms | step / plain | per-round ratio: median [min, max] | state MiB per rank | state / plain "
+          "| fp32 master | Adam states | rule state |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for n, x in rows.items():
         print(f"| {RULES[n][0]} | {1e3 * x['median_step_s']:.1f} | {x['step_ratio']:.3f} | "
+              f"{x['paired_ratio_median']:.2f} [{x['paired_ratio_min']:.2f}, {x['paired_ratio_max']:.2f}] | "
               f"{x['memory_bytes'] / mib:.4f} | {x['memory_ratio']:.3f} | {x['master'] / mib:.4f} | "
               f"{x['optimizer'] / mib:.4f} | {x['rule_state'] / mib:.4f} |")
     print("\nLoRA-Pro full-size moments (fp32, all-linear, r = 16; `python -m lora_dist.memory --update-rule lora_pro`):")

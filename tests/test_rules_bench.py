@@ -25,8 +25,11 @@ def test_rules_bench_quick_rows_are_consistent(capsys):
     rows, world = data["rules"], data["world"]
     assert list(rows) == list(rules_bench.RULES) and world == 2
     labels = {v[0] for v in rules_bench.RULES.values()}
-    table = {line.split("|")[1].strip(): [float(c) for c in line.split("|")[2:-1]]
-             for line in out.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in labels}
+    table = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if cells and cells[0] in labels:  # drop the per-round column "median [min, max]" here
+            table[cells[0]] = [float(c) for c in cells[1:3] + cells[4:]]
     plain_ms, plain_mib = table["plain LoRA"][0], table["plain LoRA"][2]
     for name, (label, *_rest) in rules_bench.RULES.items():
         ms, ratio, mib, mratio, master, adam, rule = table[label]
@@ -35,6 +38,8 @@ def test_rules_bench_quick_rows_are_consistent(capsys):
         assert ms == pytest.approx(1e3 * r["median_step_s"], abs=0.051)
         assert ratio == pytest.approx(ms / plain_ms, abs=2e-3)      # the ratio is of the printed medians
         assert mratio == pytest.approx(mib / plain_mib, abs=2e-3)
+        paired = sorted(t / t0 for t, t0 in zip(data["times"][name], data["times"]["plain"]))
+        assert (r["paired_ratio_min"], r["paired_ratio_median"], r["paired_ratio_max"]) == tuple(paired)
         assert mib == pytest.approx(max(sum(m[name].values()) for m in data["memory_by_rank"]) / MiB, abs=1e-4)
     # memory, per rank: Adam keeps m and v of the fp32 master; LoRA-Pro's inner SGD keeps nothing, and
     # its moments are what the memory tool accounts for this preset on 2 ranks
