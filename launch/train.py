@@ -27,17 +27,21 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import lora_dist as ld  # noqa: E402
+from lora_dist import update_rules  # noqa: E402
 from lora_dist.comm import Comm  # noqa: E402
-from lora_dist.errors import ConfigError, DataError, LoraDistError  # noqa: E402
+from lora_dist.config import AdapterConfig  # noqa: E402
+from lora_dist.errors import ConfigError, DataError, DeepSpeedConfigError, LoraDistError  # noqa: E402
+from lora_dist.export import read_adapter_config  # noqa: E402
 from lora_dist.job import checkpoint, data  # noqa: E402
 from lora_dist.job.args import TrainConfig, parse_args  # noqa: E402
 from lora_dist.job.demo import demo_presets, resolve_model  # noqa: E402
 from lora_dist.job.distributed import collectively, init_distributed, launch_rank  # noqa: E402
-from lora_dist.job.ds_config import first_moving_lr, prepare_ds_config, warmup_steps_from_ratio  # noqa: E402
+from lora_dist.job.ds_config import first_moving_lr, load_ds_config, prepare_ds_config, warmup_steps_from_ratio  # noqa: E402
 from lora_dist.job.evaluate import eval_exact_match, eval_loss  # noqa: E402
 from lora_dist.presets import preset_config  # noqa: E402
 
 PREVIOUS_RUN = ("checkpoints/latest", "metrics.jsonl", "adapter")  # what a finished or killed run leaves
+PRO_STATE = "lora_pro"  # LoRA-Pro's t and moments in a checkpoint: lora_pro_rank<r>.pt, as each rank holds them
 
 
 def log(*a):
@@ -124,7 +128,11 @@ def train(args: TrainConfig):
     else:
         names = ld.inject_adapters(model, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
+    # the update rule's parameter groups (LoRA+), ds_config edits and inner optimizer (LoRA-Pro)
+    config = getattr(model, "lora_dist_config", config)  # on resume: the checkpoint's own config
+    groups, ds_config, optimizer = _update_rule_setup(args, config, model, ds_config)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
+                                                   config=ds_config)
     n_train = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in trainable)
     log(f"model {model_dir}: {len(names)} adapted layers ({args.adapter}, r={args.r}), {n_train:,} trainable "
         f"parameters; {world} rank(s), batch {args.batch_size} = {args.micro_batch_size} x {accum} x {world}; "
@@ -141,6 +149,8 @@ def train(args: TrainConfig):
         init_report = ld.initialize_adapters(engine, config, data.batches(train_ds, mine, args.micro_batch_size, pad_id),
                                              n_train=len(train_ds), lr=eta)
         log(init_report.summary())
+    # the rule acts on the final A (after the init, or as load_adapter restored it)
+    pro = _attach_rule(engine, config, args) if args.adapter != "none" else None
 
     # -----------------------------------------------------------------------------------------
     # resume: engine, optimizer, LR schedule, RNG and the position in the data order
@@ -149,6 +159,8 @@ def train(args: TrainConfig):
     if resume_tag:
         state = checkpoint.load(engine, ckpt_dir, resume_tag)
         step, epoch, micro_pos = state["step"], state["epoch"], state["micro_pos"]
+        if pro is not None:
+            pro.load_state_dict(checkpoint.load_rank_state(ckpt_dir, resume_tag, PRO_STATE))
         log(f"resumed from {resume_tag}: step {step}, epoch {epoch}")
     metrics_path = os.path.join(out_dir, "metrics.jsonl")
 
@@ -181,6 +193,8 @@ def train(args: TrainConfig):
             b = {k: v.to(device) for k, v in b.items()}
             loss = engine(**b).loss
             engine.backward(loss)
+            if pro is not None and engine.is_gradient_accumulation_boundary():
+                pro.adjust_gradients()  # LoRA-Pro's full rule: reduced gradients in, adjusted ones out
             engine.step()
             micro_losses.append(loss.item())
             if (pos + 1) % accum:
@@ -188,10 +202,13 @@ def train(args: TrainConfig):
             step += 1
             step_loss = comm.mean(sum(micro_losses) / len(micro_losses))
             micro_losses = []
-            lr = scheduler.get_lr()[0] if scheduler is not None else args.lr
+            lrs = scheduler.get_lr() if scheduler is not None else [g["lr"] for g in groups]
+            lr = lrs[0]
             bar.update(1)
             bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}")
             record = {"step": step, "loss": step_loss, "lr": lr, "time": round(time.time() - t0, 2)}
+            if len(groups) > 1:  # LoRA+: each group's LR, named
+                record["lr_groups"] = {g["name"]: float(v) for g, v in zip(groups, lrs)}
             last_step = step == total_steps
             if step % args.eval_every == 0 or last_step:
                 record.update(evaluate())
@@ -201,7 +218,8 @@ def train(args: TrainConfig):
                     f.write(json.dumps(record) + "\n")
             if step % args.save_every == 0 and not last_step:
                 checkpoint.save(engine, ckpt_dir, step, {"step": step, "epoch": epoch, "micro_pos": pos + 1},
-                                with_adapter=args.adapter != "none")
+                                with_adapter=args.adapter != "none",
+                                rank_states={PRO_STATE: pro.state_dict()} if pro is not None else None)
             if last_step:
                 break
         if step >= total_steps:
@@ -246,6 +264,11 @@ def check_inputs(args: TrainConfig, out_dir: str, world: int, judge_output: bool
     if judge_output:
         check(lambda: _check_output_dir(args, out_dir))
     config = check(args.adapter_config)
+    if args.resume and args.adapter != "none":  # the checkpoint's adapter config (and rule) wins
+        saved = check(lambda: _saved_config(out_dir))
+        if saved is not None:
+            check(lambda: _check_resumed_rule(args, saved, out_dir, world))
+            config = saved
     records = check(lambda: _load_data(args.data))
     model_ok = check(lambda: _check_model(args.model)) is not None
     n_train = len(records) - args.eval_size if records is not None else args.batch_size
@@ -255,6 +278,34 @@ def check_inputs(args: TrainConfig, out_dir: str, world: int, judge_output: bool
     if problems:
         raise LoraDistError("\nerror: ".join(problems))
     return records, config
+
+
+def _saved_config(out_dir: str):
+    """The adapter config of the latest checkpoint; None when there is none (reported elsewhere)."""
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    tag = checkpoint.latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    return AdapterConfig.from_dict(read_adapter_config(os.path.join(ckpt_dir, tag, "adapter"))["config"])
+
+
+def _check_resumed_rule(args: TrainConfig, saved, out_dir: str, world: int) -> None:
+    """On --resume the checkpoint's rule continues: an update-rule flag set explicitly to another
+    value is an error, and so is a LoRA-Pro checkpoint without every rank's moments."""
+    problems = [f"--{k} {v!r} (the checkpoint has {getattr(saved, k)!r})" for k, v in args.rule_flags().items()
+                if k in args.given and v != getattr(saved, k)]
+    if problems:
+        problems = [f"--resume: the checkpoint's adapter config decides the update rule; drop or match "
+                    f"{', '.join(problems)}"]
+    ckpt_dir = os.path.join(out_dir, "checkpoints")
+    tag = checkpoint.latest_tag(ckpt_dir)
+    if saved.update_rule == "lora_pro" and saved.update_option("moments") == "full":
+        lost = [r for r in range(world) if not os.path.isfile(checkpoint.rank_state_path(ckpt_dir, tag, PRO_STATE, r))]
+        if lost:
+            problems.append(f"--resume: checkpoint {tag!r} lacks LoRA-Pro's moments of rank(s) {lost} "
+                            f"({PRO_STATE}_rank<r>.pt); resume on the world size it was saved with")
+    if problems:
+        raise ConfigError("\nerror: ".join(problems))
 
 
 def _load_data(path: str):
@@ -318,6 +369,57 @@ def _ds_config(args: TrainConfig, world: int, total_steps: int, hidden) -> dict:
                              betas=(0.9, 0.999), eps=1e-8, total_steps=total_steps,
                              warmup_steps=warmup_steps_from_ratio(total_steps, args.warmup_ratio), bf16=args.bf16,
                              gradient_clipping=args.max_grad_norm, hidden_size=hidden)
+
+
+def _update_rule_setup(args: TrainConfig, config, model, ds_config: dict):
+    """(param groups, ds_config, client optimizer or None) for the adapter config's update rule.
+
+    LoRA+: B's group at lr·ratio; the scheduler LRs the filling wrote from "auto" become per-group
+    values (value × group ratio); one written in the ds_config file itself stays, and a scheduler that
+    would set it on every group is refused. LoRA-Pro's full rule: its moments make the update
+    Adam-like, so the inner step is plain SGD: the ds_config's optimizer section is replaced (a stated
+    warning) and gradient_clipping set to 0, --max_grad_norm clipping the raw reduced gradients
+    inside the rule instead (an adjusted gradient's norm is not the raw one's)."""
+    groups = update_rules.param_groups(model, config, args.lr, args.weight_decay)
+    optimizer = None
+    if config.loraplus_lr_ratio:
+        ds_config = _per_group_scheduler(args, ds_config, groups)
+        log(f"LoRA+: lr {args.lr:g} for {', '.join(g['name'] for g in groups)} x {[g['lr_ratio'] for g in groups]}")
+    if config.update_rule == "lora_pro" and config.update_option("moments") == "full":
+        old = (ds_config.get("optimizer") or {}).get("type")
+        ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"}
+        ds_config.update(gradient_clipping=0, zero_allow_untested_optimizer=True)
+        optimizer = update_rules.inner_optimizer(groups)
+        log(f"warning: update_rule lora_pro: the ds_config optimizer {old!r} is replaced by plain SGD on LoRA-Pro's "
+            f"adjusted gradients (Adam's betas/eps come from update_options: {config.update_option('betas')}, "
+            f"{config.update_option('eps')}); gradient_clipping set to 0, --max_grad_norm {args.max_grad_norm:g} "
+            f"clips the raw gradients before the rule")
+    update_rules.check_ds_config(ds_config, config, groups)
+    return groups, ds_config, optimizer
+
+
+def _per_group_scheduler(args: TrainConfig, ds_config: dict, groups: list) -> dict:
+    """LoRA+: per-group scheduler LRs for the keys that were "auto" in the ds_config file."""
+    raw = ((load_ds_config(args.ds_config).get("scheduler") or {}).get("params") or {})
+    out = update_rules.per_group_scheduler(ds_config, groups)
+    params = (out.get("scheduler") or {}).get("params")
+    if params is not None:
+        params.update({k: v for k, v in raw.items() if v != "auto"})  # written by hand: kept as written
+    try:
+        update_rules.check_scheduler(out, groups)
+    except DeepSpeedConfigError as e:
+        raise DeepSpeedConfigError(f"--loraplus_lr_ratio with --ds_config {args.ds_config}: {e}; or write \"auto\" "
+                                   f"there and train.py gives each group its LR") from None
+    return out
+
+
+def _attach_rule(engine, config, args: TrainConfig):
+    """LoRA-FA and LoRA-Pro light act inside backward (hooks); LoRA-Pro's full rule is returned, to
+    run between backward and step."""
+    if config.update_rule == "lora_pro" and config.update_option("moments") == "full":
+        return update_rules.LoRAPro(engine, max_grad_norm=args.max_grad_norm or None)
+    update_rules.attach_update_rule(engine)
+    return None
 
 
 def _truncate_metrics(path: str, step: int) -> None:

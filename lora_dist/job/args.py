@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from ..config import INITS, KINDS, AdapterConfig
+from ..config import INITS, KINDS, UPDATE_RULES, AdapterConfig
 from ..errors import ConfigError
 from .demo import METAMATH_TINY
 
@@ -41,6 +41,11 @@ class TrainConfig:
     target_modules: str = _f(_DEFAULT_TARGETS, "comma-separated name patterns, or all-linear")
     init_samples: int = _f(64, "calibration samples for data-aware inits")
     init_options: Any = _f("{}", 'JSON object, e.g. \'{"beta": 0.03}\'')
+    update_rule: str = _f("plain", "how gradients become updates: plain, lora_fa (--adapter lora_fa: projected g_B), "
+                          "lora_pro (--adapter lora; full moments: the ds_config optimizer is replaced by SGD, with "
+                          "a warning, and --max_grad_norm clips the raw gradients)", choices=UPDATE_RULES)
+    update_options: Any = _f("{}", 'JSON object of the rule\'s options, e.g. \'{"moments": "none"}\' (LoRA-Pro light)')
+    loraplus_lr_ratio: Optional[float] = _f(None, "LoRA+: B (and 1-D adapter vectors) train at lr x this ratio")
     max_seq_len: int = _f(128, "tokens per example")
     overlength: str = _f("truncate", "what to do with longer examples", choices=("truncate", "filter"))
     epochs: int = _f(1, "passes over the training set (when --max_steps <= 0)")
@@ -62,6 +67,7 @@ class TrainConfig:
     overwrite_output_dir: bool = _f(False, "replace a previous run in output_dir (its checkpoints, metrics, adapter)")
     seed: int = _f(0, "global seed")
     num_proc: Optional[int] = _f(None, "tokenizer processes")
+    given = frozenset()  # not a field: the names set by --config or the command line (parse_args fills it)
 
     def __post_init__(self):
         for key in ("r", "init_samples", "max_seq_len", "batch_size", "micro_batch_size", "eval_every", "save_every"):
@@ -81,27 +87,40 @@ class TrainConfig:
             raise ConfigError(f"--epochs must be positive when --max_steps <= 0, got {self.epochs}")
         if self.resume and self.overwrite_output_dir:
             raise ConfigError("--resume and --overwrite_output_dir contradict each other: pass one")
-        if isinstance(self.init_options, str):
-            try:
-                self.init_options = json.loads(self.init_options)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"--init_options is not valid JSON: {e}") from None
-        if not isinstance(self.init_options, dict):
-            raise ConfigError(f"--init_options must be a JSON object, got {self.init_options!r}")
+        for key in ("init_options", "update_options"):
+            setattr(self, key, _json_object(key, getattr(self, key)))
 
     def adapter_config(self) -> AdapterConfig:
         """The AdapterConfig these flags describe; its constructor checks the kind/init pair and init_options."""
         targets = "all-linear" if self.target_modules == "all-linear" else self.target_modules.split(",")
+        rule = "".join(f" --{k} {v}" for k, v in self.rule_flags().items() if v not in (None, "plain", {}))
         try:
             return self._adapter_config(targets)
         except ConfigError as e:
-            raise ConfigError(f"--adapter {self.adapter} --init {self.init}: {e}") from None
+            raise ConfigError(f"--adapter {self.adapter} --init {self.init}{rule}: {e}") from None
+
+    def rule_flags(self) -> dict:
+        """The update-rule flags, named as the AdapterConfig fields they set."""
+        return {"update_rule": self.update_rule, "update_options": self.update_options,
+                "loraplus_lr_ratio": self.loraplus_lr_ratio}
 
     def _adapter_config(self, targets) -> AdapterConfig:
         return AdapterConfig(kind=self.adapter, init=None if self.adapter == "none" else self.init, r=self.r,
                              alpha=self.alpha, use_rslora=self.use_rslora, dropout=self.dropout,
                              target_modules=targets, init_options=dict(self.init_options),
-                             init_samples=self.init_samples, seed=self.seed)
+                             init_samples=self.init_samples, seed=self.seed, update_rule=self.update_rule,
+                             update_options=dict(self.update_options), loraplus_lr_ratio=self.loraplus_lr_ratio)
+
+
+def _json_object(key: str, value) -> dict:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--{key} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"--{key} must be a JSON object, got {value!r}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -119,7 +138,7 @@ def _parser(description: str) -> argparse.ArgumentParser:
         if f.type == "bool":
             p.add_argument(*names, dest=f.name, action="store_true", help=help_text)
             continue
-        kind = {"int": int, "float": float, "Optional[int]": int}.get(f.type, str)
+        kind = {"int": int, "float": float, "Optional[int]": int, "Optional[float]": float}.get(f.type, str)
         p.add_argument(*names, dest=f.name, type=kind, choices=f.metadata.get("choices"), help=help_text)
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     return p
@@ -155,6 +174,8 @@ def parse_args(argv=None, description: str = "") -> TrainConfig:
     values = load_config_file(ns.pop("config")) if "config" in ns else {}
     values.update(ns)
     try:
-        return TrainConfig(**values)
+        cfg = TrainConfig(**values)
     except TypeError as e:  # a value of the wrong type from the config file
         raise ConfigError(f"--config: {e}") from None
+    cfg.given = frozenset(values)  # what was set explicitly (a resume checks these against the checkpoint)
+    return cfg

@@ -6,6 +6,8 @@ Layout under `<output_dir>/checkpoints/`:
                         that rewrote W, since the frozen base is not in the DeepSpeed shards),
     step<N>/rng_rank<r>.pt   each rank's RNG states: torch CPU, every visible CUDA device's (when
                         CUDA is available), numpy's global generator, Python's `random`,
+    step<N>/<key>_rank<r>.pt  per-rank state held outside DeepSpeed (`rank_states`, e.g. LoRA-Pro's
+                        moments, sharded over the ranks as they are held),
     latest              the tag of the newest complete checkpoint, written last and atomically.
 A run killed at any point, mid-save included, leaves `latest` naming a complete checkpoint, and a
 resume draws the same random numbers (dropout masks, shuffles) as the uninterrupted run would.
@@ -71,8 +73,10 @@ def _write_latest(ckpt_dir: str, tag: str) -> None:
     os.replace(tmp, os.path.join(ckpt_dir, LATEST))
 
 
-def save(engine, ckpt_dir: str, step: int, client_state: dict, with_adapter: bool) -> str:
-    """Save a checkpoint of `engine` at `step` (collective); returns the tag."""
+def save(engine, ckpt_dir: str, step: int, client_state: dict, with_adapter: bool,
+         rank_states: Optional[dict] = None) -> str:
+    """Save a checkpoint of `engine` at `step` (collective); returns the tag. `rank_states`
+    ({key: state dict}) are this rank's own states, written as <key>_rank<r>.pt before `latest` moves."""
     comm = Comm()
     tag = f"step{step}"
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state, save_latest=False,
@@ -80,6 +84,8 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, with_adapter: boo
     if with_adapter:
         save_adapter(engine, os.path.join(ckpt_dir, tag, "adapter"))
     torch.save(rng_state(), os.path.join(ckpt_dir, tag, f"rng_rank{comm.rank}.pt"))
+    for key, state in (rank_states or {}).items():
+        torch.save(state, rank_state_path(ckpt_dir, tag, key, comm.rank))
     comm.barrier()
     if comm.rank == 0:  # only now is the checkpoint complete: point `latest` at it, atomically
         _write_latest(ckpt_dir, tag)
@@ -101,3 +107,17 @@ def load(engine, ckpt_dir: str, tag: str) -> dict:
     comm.raise_if_any(missing, DistributedError)
     set_rng_state(torch.load(rng, weights_only=True), rng)
     return client or {}
+
+
+def rank_state_path(ckpt_dir: str, tag: str, key: str, rank: int) -> str:
+    return os.path.join(ckpt_dir, tag, f"{key}_rank{rank}.pt")
+
+
+def load_rank_state(ckpt_dir: str, tag: str, key: str) -> dict:
+    """This rank's `rank_states[key]` of checkpoint `tag` (collective: a missing file on any rank is a
+    DistributedError on every rank)."""
+    comm = Comm()
+    path = rank_state_path(ckpt_dir, tag, key, comm.rank)
+    missing = None if os.path.isfile(path) else f"checkpoint {tag!r} in {ckpt_dir!r} has no {os.path.basename(path)}"
+    comm.raise_if_any(missing, DistributedError)
+    return torch.load(path, weights_only=True)

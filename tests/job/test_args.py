@@ -20,9 +20,10 @@ OLD_DEFAULTS = dict(
 )
 
 
-def test_defaults_are_the_old_flags_plus_overwrite():
+def test_defaults_are_the_old_flags_plus_overwrite_and_the_rule_flags():
     cfg = dataclasses.asdict(parse_args([]))
     assert cfg.pop("overwrite_output_dir") is False
+    assert (cfg.pop("update_rule"), cfg.pop("update_options"), cfg.pop("loraplus_lr_ratio")) == ("plain", {}, None)
     assert cfg == OLD_DEFAULTS
 
 
@@ -46,6 +47,10 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
     (["--dropout", "1.5"], r"--dropout must be in \[0, 1\)"),
     (["--init_options", "{beta"], "--init_options is not valid JSON"),
     (["--init_options", "[1]"], "--init_options must be a JSON object"),
+    (["--update_options", "{moments"], "--update_options is not valid JSON"),
+    (["--update_options", '"none"'], "--update_options must be a JSON object"),
+    (["--update_rule", "lora_ga"], "argument --update_rule: invalid choice"),
+    (["--loraplus_lr_ratio", "x"], "argument --loraplus_lr_ratio: invalid float value: 'x'"),
     (["--max_steps", "0", "--epochs", "0"], "--epochs must be positive"),
     (["--resume", "--overwrite_output_dir"], "contradict"),
     (["--r", "x"], "argument --r: invalid int value: 'x'"),
@@ -86,3 +91,26 @@ def test_every_field_is_a_flag():
     help_text = _parser("").format_help()
     for f in dataclasses.fields(TrainConfig):
         assert f"--{f.name}" in help_text, f.name
+
+
+def test_rule_flags_reach_the_adapter_config_which_checks_them(tmp_path):
+    y = tmp_path / "run.yaml"
+    y.write_text("update_rule: lora_pro\nupdate_options: {moments: none, delta: 1.0e-6}\nadapter: lora\n")
+    cfg = parse_args(["--config", str(y), "--init", "kaiming"])
+    ac = cfg.adapter_config()
+    assert (ac.update_rule, ac.update_options, ac.loraplus_lr_ratio) == ("lora_pro", {"moments": "none", "delta": 1e-6}, None)
+    assert cfg.given == {"update_rule", "update_options", "adapter", "init"}  # what a resume checks
+    assert TrainConfig().given == frozenset()
+    ac = parse_args(["--adapter", "dora", "--init", "kaiming", "--loraplus_lr_ratio", "16"]).adapter_config()
+    assert ac.loraplus_lr_ratio == 16.0
+    with pytest.raises(ConfigError, match=r"^--adapter lora_fa --init lora_da --update_rule lora_pro: AdapterConfig: "
+                                          r"update_rule='lora_pro' needs kind in \['lora'\]"):
+        parse_args(["--update_rule", "lora_pro"]).adapter_config()
+    with pytest.raises(ConfigError, match=r"--loraplus_lr_ratio 16.0: .*cannot be combined with update_rule='lora_pro'"):
+        parse_args(["--adapter", "lora", "--init", "kaiming", "--update_rule", "lora_pro",
+                    "--loraplus_lr_ratio", "16"]).adapter_config()
+    with pytest.raises(ConfigError, match=r"--loraplus_lr_ratio -1.0: .*must be a finite number > 0"):
+        parse_args(["--loraplus_lr_ratio", "-1"]).adapter_config()
+    with pytest.raises(ConfigError, match=r"--update_options \{'moments': 'some'\}: .*'full' or 'none'"):
+        parse_args(["--adapter", "lora", "--init", "kaiming", "--update_rule", "lora_pro", "--update_options",
+                    '{"moments": "some"}']).adapter_config()
