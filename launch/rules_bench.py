@@ -194,6 +194,18 @@ def _print(rows: dict, moments: list, raw: dict, args) -> None:
                                 "preset": args.preset, "r": args.r}))
 
 
+def _remove_shm(port: int) -> None:
+    """Delete the CPU shm all-reduce buffers this launch created (/dev/shm, ~66 MB per rank, named
+    after the master port): DeepSpeed's shm comm op never unlinks them, and on a shared machine they
+    pile up in RAM."""
+    import glob
+    for f in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"):
+        try:
+            os.remove(f)
+        except OSError:
+            pass
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="small-llama", help="a buildable demo preset (small-llama, tiny-llama)")
@@ -232,7 +244,10 @@ def main(argv=None) -> int:
            "--master_port", str(port), os.path.abspath(__file__), "--worker", "--model", model_dir, "--out", out,
            "--rules", args.rules, "--repeats", str(args.repeats), "--batch", str(args.batch),
            "--seq", str(args.seq), "--r", str(args.r)]
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    finally:
+        _remove_shm(port)
     if proc.returncode != 0:
         sys.stderr.write((proc.stdout + proc.stderr)[-6000:])
         print(f"error: the {args.world}-rank benchmark launch failed (exit code {proc.returncode})", file=sys.stderr)
