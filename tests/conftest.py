@@ -1,3 +1,5 @@
+import contextlib
+import glob
 import os
 
 import pytest
@@ -26,6 +28,21 @@ def perturb_trainable(model, seed=0, scale=0.05):
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+SHM_GLOB = "/dev/shm/deepspeed_allreduce_buffer_*"
+
+
+@pytest.fixture(autouse=True)
+def _remove_deepspeed_shm_buffers():
+    """DeepSpeed's CPU shared-memory all-reduce never unlinks its /dev/shm buffers (about 66 MB per
+    rank per launch); over a suite of launches they fill the RAM. Remove those a test's launches made,
+    once the test (and so its ranks) has finished."""
+    before = set(glob.glob(SHM_GLOB))
+    yield
+    for path in set(glob.glob(SHM_GLOB)) - before:
+        with contextlib.suppress(FileNotFoundError):  # a concurrent test removed it first
+            os.remove(path)
 
 
 @pytest.fixture(scope="session")
