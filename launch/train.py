@@ -147,7 +147,7 @@ def train(args: TrainConfig):
         # LoRA-SB's η: the LR of the first step that moves the weights, as the built scheduler gives it
         eta = first_moving_lr(engine)
         init_report = ld.initialize_adapters(engine, config, data.batches(train_ds, mine, args.micro_batch_size, pad_id),
-                                             n_train=len(train_ds), lr=eta)
+                                             n_train=len(train_ds), lr=eta, memory_budget=args.init_memory_budget)
         log(init_report.summary())
     # the rule acts on the final A (after the init, or as load_adapter restored it)
     pro = _attach_rule(engine, config, args) if args.adapter != "none" else None

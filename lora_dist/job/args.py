@@ -41,6 +41,8 @@ class TrainConfig:
     target_modules: str = _f(_DEFAULT_TARGETS, "comma-separated name patterns, or all-linear")
     init_samples: int = _f(64, "calibration samples for data-aware inits")
     init_options: Any = _f("{}", 'JSON object, e.g. \'{"beta": 0.03}\'')
+    init_memory_budget: Any = _f(None, "bytes per rank the init may hold (statistics, solve workspace, W, rows in "
+                                 "flight, on top of the model), e.g. 40GiB or 2.5e10; default: from the device")
     update_rule: str = _f("plain", "how gradients become updates: plain, lora_fa (--adapter lora_fa: projected g_B), "
                           "lora_pro (--adapter lora; full moments: the ds_config optimizer is replaced by SGD, with "
                           "a warning, and --max_grad_norm clips the raw gradients)", choices=UPDATE_RULES)
@@ -89,6 +91,7 @@ class TrainConfig:
             raise ConfigError("--resume and --overwrite_output_dir contradict each other: pass one")
         for key in ("init_options", "update_options"):
             setattr(self, key, _json_object(key, getattr(self, key)))
+        self.init_memory_budget = parse_bytes("init_memory_budget", self.init_memory_budget)
 
     def adapter_config(self) -> AdapterConfig:
         """The AdapterConfig these flags describe; its constructor checks the kind/init pair and init_options."""
@@ -110,6 +113,27 @@ class TrainConfig:
                              target_modules=targets, init_options=dict(self.init_options),
                              init_samples=self.init_samples, seed=self.seed, update_rule=self.update_rule,
                              update_options=dict(self.update_options), loraplus_lr_ratio=self.loraplus_lr_ratio)
+
+
+_BYTE_UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+               "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+
+
+def parse_bytes(key: str, value) -> Optional[int]:
+    """A byte count from an int, or a string: a number with an optional unit (B, KB, MB, GB, TB
+    decimal; KiB, MiB, GiB, TiB binary), e.g. "40GiB" = 40·2³⁰. None stays None."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "auto")):
+        return None
+    text = str(value).strip().replace("_", "")
+    num = text.rstrip("BbKkMmGgTtIi ")
+    unit = text[len(num):].strip().lower()
+    try:
+        n = float(num) * _BYTE_UNITS[unit]
+    except (ValueError, KeyError):
+        raise ConfigError(f"--{key} must be bytes, optionally with a unit (e.g. 40GiB, 500MB), got {value!r}") from None
+    if not n >= 1 or n != n or n == float("inf"):
+        raise ConfigError(f"--{key} must be at least 1 byte, got {value!r}")
+    return int(n)
 
 
 def _json_object(key: str, value) -> dict:

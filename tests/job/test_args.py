@@ -23,6 +23,7 @@ OLD_DEFAULTS = dict(
 def test_defaults_are_the_old_flags_plus_overwrite_and_the_rule_flags():
     cfg = dataclasses.asdict(parse_args([]))
     assert cfg.pop("overwrite_output_dir") is False
+    assert cfg.pop("init_memory_budget") is None
     assert (cfg.pop("update_rule"), cfg.pop("update_options"), cfg.pop("loraplus_lr_ratio")) == ("plain", {}, None)
     assert cfg == OLD_DEFAULTS
 
@@ -114,3 +115,13 @@ def test_rule_flags_reach_the_adapter_config_which_checks_them(tmp_path):
     with pytest.raises(ConfigError, match=r"--update_options \{'moments': 'some'\}: .*'full' or 'none'"):
         parse_args(["--adapter", "lora", "--init", "kaiming", "--update_rule", "lora_pro", "--update_options",
                     '{"moments": "some"}']).adapter_config()
+
+
+def test_init_memory_budget_takes_bytes_with_units():
+    assert TrainConfig().init_memory_budget is None  # from the device
+    assert parse_args(["--init_memory_budget", "40GiB"]).init_memory_budget == 40 * 2 ** 30
+    assert parse_args(["--init_memory_budget", "2.5e9"]).init_memory_budget == 2_500_000_000
+    assert parse_args(["--init_memory_budget", "500 MB"]).init_memory_budget == 500_000_000
+    for bad in ("lots", "40 GiBs", "0", "-1GiB"):
+        with pytest.raises(ConfigError, match=r"--init_memory_budget"):
+            parse_args(["--init_memory_budget", bad])
