@@ -12,6 +12,10 @@ checkpoints, evaluation, adapter export. The library (lora_dist) does the heavy 
 Every input is checked before anything is tokenized or loaded; a bad one ends the job with one
 `error: ...` line per problem from rank 0 and exit code 2 on every rank. An --output_dir holding a
 previous run is refused unless --resume (continue it) or --overwrite_output_dir (replace it).
+
+The objective of an optimizer step is the token-weighted mean L = Σ ℓ_t / N over all N response
+tokens of the step (every micro-batch on every rank), and the logged step loss is that L: the
+trajectory does not depend on world size or micro-batch size (lora_dist/job/loss.py).
 """
 import json
 import os
@@ -38,6 +42,7 @@ from lora_dist.job.demo import demo_presets, resolve_model  # noqa: E402
 from lora_dist.job.distributed import collectively, init_distributed, launch_rank  # noqa: E402
 from lora_dist.job.ds_config import first_moving_lr, load_ds_config, prepare_ds_config, warmup_steps_from_ratio  # noqa: E402
 from lora_dist.job.evaluate import eval_exact_match, eval_loss  # noqa: E402
+from lora_dist.job.loss import loss_tokens, step_scaled  # noqa: E402
 from lora_dist.presets import preset_config  # noqa: E402
 
 PREVIOUS_RUN = ("checkpoints/latest", "metrics.jsonl", "adapter")  # what a finished or killed run leaves
@@ -183,25 +188,29 @@ def train(args: TrainConfig):
     from tqdm.auto import tqdm
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0)
     engine.train()
-    t0, micro_losses = time.time(), []
+    t0 = time.time()
     while step < total_steps:
         order = data.epoch_order(len(train_ds), rank, world, seed=args.seed, epoch=epoch)
         n_micro = (len(order) // (args.micro_batch_size * accum)) * accum  # whole optimizer steps only
-        for pos in range(micro_pos, n_micro):
-            idx = order[pos * args.micro_batch_size:(pos + 1) * args.micro_batch_size]
-            b = next(data.batches(train_ds, idx, args.micro_batch_size, pad_id))
-            b = {k: v.to(device) for k, v in b.items()}
-            loss = engine(**b).loss
-            engine.backward(loss)
-            if pro is not None and engine.is_gradient_accumulation_boundary():
-                pro.adjust_gradients()  # LoRA-Pro's full rule: reduced gradients in, adjusted ones out
-            engine.step()
-            micro_losses.append(loss.item())
-            if (pos + 1) % accum:
-                continue
+        for start in range(micro_pos, n_micro, accum):  # one optimizer step: accum micro-batches per rank
+            micro = [next(data.batches(train_ds, order[pos * args.micro_batch_size:(pos + 1) * args.micro_batch_size],
+                                       args.micro_batch_size, pad_id)) for pos in range(start, start + accum)]
+            # The objective is the token-weighted mean over the whole step (lora_dist/job/loss.py): a mean
+            # of micro-batch means would change with world size and micro-batch size. N_step costs one
+            # scalar all-reduce per step, before the first forward.
+            counts = [loss_tokens(b["labels"]) for b in micro]
+            n_step = comm.sum(float(sum(counts)))
+            token_loss_sum = 0.0  # Σ ℓ over this rank's tokens of the step
+            for b, n in zip(micro, counts):
+                b = {k: v.to(device) for k, v in b.items()}
+                micro_mean = engine(**b).loss
+                engine.backward(step_scaled(micro_mean, n, n_step, world, accum))
+                if pro is not None and engine.is_gradient_accumulation_boundary():
+                    pro.adjust_gradients()  # LoRA-Pro's full rule: reduced gradients in, adjusted ones out
+                engine.step()
+                token_loss_sum += micro_mean.item() * n
             step += 1
-            step_loss = comm.mean(sum(micro_losses) / len(micro_losses))
-            micro_losses = []
+            step_loss = comm.sum(token_loss_sum) / n_step  # the same L the gradient is taken of
             lrs = scheduler.get_lr() if scheduler is not None else [g["lr"] for g in groups]
             lr = lrs[0]
             bar.update(1)
@@ -217,7 +226,7 @@ def train(args: TrainConfig):
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             if step % args.save_every == 0 and not last_step:
-                checkpoint.save(engine, ckpt_dir, step, {"step": step, "epoch": epoch, "micro_pos": pos + 1},
+                checkpoint.save(engine, ckpt_dir, step, {"step": step, "epoch": epoch, "micro_pos": start + accum},
                                 with_adapter=args.adapter != "none",
                                 rank_states={PRO_STATE: pro.state_dict()} if pro is not None else None)
             if last_step:
