@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from .comm import Comm
 from .errors import ConfigError
 
 # --------------------------------------------------------------------------------------------------
@@ -528,9 +529,7 @@ class LoRAPro:
         buf = torch.empty(nA + sB.numel(), dtype=torch.float64, device=device)
         if result is not None:
             buf.copy_(torch.cat([result[0].reshape(-1), result[1].reshape(-1)]))
-        if self.world > 1:
-            import torch.distributed as dist
-            dist.broadcast(buf, src=self.owner(name))
+        Comm().broadcast(buf, src=self.owner(name))  # a no-op at world size 1
         return buf[:nA].view(sA), buf[nA:].view(sB)
 
     def moment_bytes(self) -> int:

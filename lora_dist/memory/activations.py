@@ -656,7 +656,7 @@ def simulate_step(config, spec: TrainSpec, device="meta", drop_grads: bool = Fal
     if model is None:
         model = build_model(config, spec, device)
     elif not drop_grads:
-        raise ValueError("simulate_step reuses a model only with drop_grads=True (an optimizer step changes it)")
+        raise MemoryConfigError("simulate_step reuses a model only with drop_grads=True (an optimizer step changes it)")
     ids, labels = make_batch(spec, config.vocab_size, device, seed)
     trainable = [p for p in model.parameters() if p.requires_grad]
     handles = []

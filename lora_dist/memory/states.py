@@ -229,14 +229,8 @@ def model_states(stats: ParamStats, cluster: Cluster, zero: ZeroConfig) -> Model
 
 
 def deepspeed_estimate(stats: ParamStats, cluster: Cluster, offload: bool = False) -> Optional[Tuple[int, int]]:
-    """DeepSpeed's own ZeRO-3 estimator (every parameter trains): (GPU bytes, host bytes per node).
-
-    None if DeepSpeed is not importable.
-    """
-    try:
-        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    except Exception:  # pragma: no cover - deepspeed is a dependency
-        return None
+    """DeepSpeed's own ZeRO-3 estimator (every parameter trains): (GPU bytes, host bytes per node)."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
         stats.total, stats.largest_module, num_gpus_per_node=cluster.gpus_per_node,
         num_nodes=cluster.nodes, cpu_offload=offload, cpu_offload_params=offload, zero_init=True)
