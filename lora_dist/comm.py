@@ -25,6 +25,29 @@ def _ring_allreduce_bytes(nbytes: int, world: int) -> int:
     return 2 * (world - 1) * nbytes // world
 
 
+def release_shm_buffers() -> Optional[str]:
+    """Unlink this rank's DeepSpeed CPU shared-memory all-reduce buffer from /dev/shm; returns its
+    path if one was removed. Collective: every rank calls it after deepspeed.init_distributed.
+
+    DeepSpeed 0.19.8's CPU backend creates /dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}
+    (67 MB a rank) and never unlinks it, so every multi-rank CPU launch leaves them in RAM-backed
+    tmpfs after it exits (hundreds of launches fill the machine). Once every rank has mapped every
+    buffer (init_distributed returns only then; the barrier makes sure all ranks have), unlinking
+    only removes the name: the mappings stay valid and the memory is freed when the last rank exits.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_backend() != "gloo":
+        return None
+    import os
+    path = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    dist.barrier()
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return None
+    return path
+
+
 class Comm:
     """The collectives of the default process group; `on` is False at world size 1, and every
     method then returns its input (a sum over one rank, a broadcast from oneself)."""
@@ -42,6 +65,16 @@ class Comm:
     def barrier(self):
         if self.on:
             dist.barrier()
+
+    def close(self) -> None:
+        """Destroy the process groups this Comm created (gather_rows'): a gloo group keeps its
+        threads until destroyed, and threads still alive at interpreter exit abort the process
+        ("terminate called without an active exception"). Idempotent; the Comm stays usable, and
+        gather_rows makes a new group if called again."""
+        group = getattr(self, "_rows_group", None)
+        self._rows_group = None
+        if group is not None and dist.is_initialized():
+            dist.destroy_process_group(group)
 
     def sum_scalars(self, values: List[float]) -> List[float]:
         """All-reduce a few float64 scalars (counts, normalizers): Σ_ranks values[i] for each i."""

@@ -88,7 +88,30 @@ def write_params(values: dict, src_rank: int = 0) -> None:
         from deepspeed.utils import safe_set_full_fp32_param
         for p in masters:
             v = values[p].reshape(full_shape(p)).to(device=_master_device(p), dtype=torch.float32)
-            safe_set_full_fp32_param(p, v)
+            if hasattr(p, "_z3_optimizer"):
+                _set_z3_master(p, v)
+            else:
+                safe_set_full_fp32_param(p, v)
+
+
+def _set_z3_master(p: torch.Tensor, value: torch.Tensor) -> None:
+    """Write this rank's slice of the full `value` into `p`'s ZeRO-3 fp32 master partition.
+
+    Rank k's partition holds flat elements [k·n, (k+1)·n), n = ⌈numel/N⌉, zero-padded past numel.
+    DeepSpeed 0.19.8's set_full_hp_param narrows the unpadded value at k·n for n elements, which
+    overruns on the last rank whenever N does not divide numel (e.g. r = 4 adapters on 3 ranks);
+    here the slice is clipped and the padding set to zero, as ZeRO-3's own partitioning leaves it.
+    """
+    opt = p._z3_optimizer
+    part, group_idx = opt._get_fp32_opt_state_partition(p, release_swap_buffers=False)
+    n = part.numel()
+    k = opt._get_param_partition_rank(p)
+    mine = value.reshape(-1)[k * n: (k + 1) * n]
+    with torch.no_grad():
+        part[: mine.numel()].copy_(mine)
+        part[mine.numel():].zero_()
+    if opt._swappable_optimizer_subgroup(group_idx):  # NVMe/CPU-swapped optimizer states: write back
+        opt._optimizer_states_and_gradient_swap_out(group_idx)
 
 
 def _master_device(p):

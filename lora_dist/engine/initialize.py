@@ -33,6 +33,7 @@ from ..config import AdapterConfig
 from ..errors import ConfigError, DataError
 from ..zero import unwrap_engine, write_params
 from .methods import INPUT_MOMENT, WEIGHT, LayerProblem, Method, get_method
+from .footprint import LivePeak
 from .passes import plan_passes
 from .plan import OwnerPlan, build_units, collection_costs, device_budget
 from .report import InitReport
@@ -121,6 +122,16 @@ def initialize_adapters(model_or_engine, config: Optional[AdapterConfig] = None,
     run = _setup(model_or_engine, config, stats_dtype, solve_dtype, progress)
     if isinstance(run, InitReport):  # kaiming / gaussian: inject_adapters already did it
         return run
+    try:
+        return _run_phases(run, batches, micro_batch, memory_budget, layer_groups, reduce_every_step,
+                           n_train, lr, return_statistics)
+    finally:
+        run.comm.close()  # the rows group's gloo threads must not outlive the call
+
+
+def _run_phases(run: _Run, batches, micro_batch, memory_budget, layer_groups, reduce_every_step,
+                n_train, lr, return_statistics) -> InitReport:
+    """count, plan, then per pass collect and per round gather, solve, write; then report."""
     with run.timed("count"):
         _count(run, batches, micro_batch)
     _plan(run, memory_budget, layer_groups)
@@ -207,7 +218,7 @@ def _plan(run: _Run, memory_budget: Optional[int], layer_groups: Optional[int]) 
                               "solve": run.solve_dtype})
     run.unit_cost = {c.name: c for c in costs}
     run.report.stats_bytes_total = sum(c.stats_bytes for c in costs)
-    run.rows_units = {c.name for c in costs if c.inflight_bytes > 0}
+    run.rows_units = {c.name for c in costs if c.wire_bytes > 0}  # N > 1 ranks: rows to the owner
     if layer_groups is not None:
         if memory_budget is not None:
             raise ConfigError("initialize_adapters: give memory_budget or layer_groups, not both")
@@ -217,7 +228,9 @@ def _plan(run: _Run, memory_budget: Optional[int], layer_groups: Optional[int]) 
     else:
         if memory_budget is None:
             memory_budget = device_budget(run.device, run.comm)
-        passes = plan_passes(costs, run.comm.world, int(memory_budget))
+        step = _step_footprint(run) if run.stats else 0
+        run.report.memory_budget, run.report.calibration_step_bytes = int(memory_budget), step
+        passes = plan_passes(costs, run.comm.world, int(memory_budget), reserved=step)
         run.report.pass_plan = passes
         if run.show:
             tqdm.write(str(passes))
@@ -229,6 +242,16 @@ def _plan(run: _Run, memory_budget: Optional[int], layer_groups: Optional[int]) 
     run.report.old_design_bytes_per_rank = [
         sum(c.stats_bytes for c in costs if run.plan.owner[c.name] != r) if run.comm.world > 1 else 0
         for r in range(run.comm.world)]
+
+
+def _step_footprint(run: _Run) -> int:
+    """Bytes one calibration micro-step holds by itself (its first batch, no hooks), the largest
+    over ranks (footprint.py): the planner gets memory_budget minus this."""
+    b = _to(run.batches[0], run.device)
+    with calibration_mode(run.module, run.mods, backward=run.method.needs_backward):
+        with LivePeak(run.device) as lp:
+            _forward_backward(run, b, run.method.needs_backward, dummy=False)
+    return run.comm.max_int(lp.rise)
 
 
 def _modules_of(run: _Run, unit: Optional[str]) -> List[str]:
@@ -303,10 +326,13 @@ def _reduce(run: _Run, coll: Collector, names: List[str]) -> None:
                 if local_t is None:
                     local_t = torch.zeros(shape, dtype=run.stats_dtype, device=run.device)
                 coll.inflight = _nbytes(sums) + local_t.numel() * local_t.element_size()
+                coll.note()
                 red = run.comm.reduce_to(local_t, owner)
+                del local_t  # the owner's `red` is this very tensor: counted once, in the totals below
                 if red is not None:
                     slot = coll.totals.setdefault(n, {})
                     slot[key] = slot[key] + red if key in slot else red
+                coll.inflight = _nbytes(sums)
                 coll.note()
         coll.inflight = 0
 

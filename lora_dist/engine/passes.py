@@ -27,10 +27,13 @@ solve time piles up on one rank.
 
 Passes: the per-rank peak of pass p on rank j is
 
-    peak = Σ_{u owned by j in p} stats_u  +  max_{u in p} inflight_u  +  max_{u owned by j in p} (workspace_u + W_u)
+    peak = Σ_{u owned by j in p} stats_u  +  max(max_{u owned by j in p} inflight_u, max_{u in p} send_u)
+           +  max_{u owned by j in p} (workspace_u + W_u)
 
-(owned totals of the pass, one unit's exchange at a time, one solve at a time). The planner takes
-the smallest k ≥ ⌈max_j Σ stats_j / (budget − inflight_max)⌉ for which every rank packs its
+(owned totals of the pass; one unit's exchange at a time: receiving and forming the products of a
+unit it owns, or sending its own rows of any unit; one solve at a time), on top of
+`reserved` (the calibration micro-step, measured by the engine). The planner takes the smallest
+k ≥ ⌈max_j Σ stats_j / (budget − reserved − inflight_max)⌉ for which every rank packs its
 own units into k passes under the budget (worst-fit decreasing: each unit, largest first, into the
 emptiest pass where it fits, so the passes come out even). Passes are cut by bytes, not by rounds.
 A unit that does not fit alone, stats + workspace + W + inflight_max > budget, is a ConfigError
@@ -47,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple
 
 from ..errors import ConfigError
-from .methods.base import WEIGHT
+from .methods.base import INPUT_MOMENT, OUTPUT_GRAD_DIAG, OUTPUT_GRAD_FULL, WEIGHT, WEIGHT_GRADIENT
 from .stats import Collector, slot_shapes
 
 GiB = 1024 ** 3
@@ -71,6 +74,7 @@ class UnitCost:
     wire_bytes: int = 0
     solve_cost: float = 0.0
     hook_flops_per_token: int = 0   # forming its statistics on the owner (for the cost model)
+    send_bytes: int = 0             # a non-owner's part of inflight_bytes: its own rows of one micro-step
 
     @property
     def solve_bytes(self) -> int:
@@ -84,7 +88,9 @@ class PassPlan:
     units: Dict[str, UnitCost]
     owner: Dict[str, int]
     passes: List[Dict[int, List[str]]]                      # pass -> rank -> owned unit names
+    reserved: int = 0                                          # budget bytes held by the calibration step
     peak: List[List[int]] = field(default_factory=list)        # pass -> rank -> predicted bytes
+    collect_peak: List[List[int]] = field(default_factory=list)  # the same during collection (no solve)
     wire_sent: List[List[int]] = field(default_factory=list)   # pass -> rank -> bytes sent
     wire_recv: List[List[int]] = field(default_factory=list)   # pass -> rank -> bytes received
 
@@ -109,10 +115,12 @@ class PassPlan:
                     for r in range(self.world)), default=0)
 
     def to_dict(self) -> dict:
-        return {"world": self.world, "budget_bytes": self.budget, "passes": self.n_passes,
+        return {"world": self.world, "budget_bytes": self.budget, "reserved_bytes": self.reserved,
+                "passes": self.n_passes,
                 "owner": dict(self.owner),
                 "units_per_pass": [{str(r): list(v) for r, v in ps.items()} for ps in self.passes],
                 "peak_bytes": [list(p) for p in self.peak], "max_peak_bytes": self.max_peak(),
+                "collect_peak_bytes": [list(p) for p in self.collect_peak],
                 "stats_bytes_total": self.stats_bytes_total(),
                 "stats_bytes_max_rank": self.stats_bytes_max_rank(),
                 "wire_sent_bytes": [list(p) for p in self.wire_sent],
@@ -120,7 +128,8 @@ class PassPlan:
 
     def __str__(self) -> str:
         lines = [f"PassPlan: {len(self.units)} units on {self.world} rank(s), {self.n_passes} pass(es), "
-                 f"budget {fmt_bytes(self.budget)}/rank, predicted peak {fmt_bytes(self.max_peak())}, "
+                 f"budget {fmt_bytes(self.budget)}/rank ({fmt_bytes(self.reserved)} of it one calibration step), "
+                 f"predicted peak {fmt_bytes(self.max_peak())} + the step, "
                  f"statistics {fmt_bytes(self.stats_bytes_total())} in all"]
         for p, ps in enumerate(self.passes):
             n = sum(len(v) for v in ps.values())
@@ -169,8 +178,10 @@ def _pack(units: List[UnitCost], k: int, capacity: int):
     return bins
 
 
-def plan_passes(units: Sequence[UnitCost], world: int, budget: int) -> PassPlan:
-    """The fewest passes whose predicted per-rank peak fits `budget` bytes (see module doc)."""
+def plan_passes(units: Sequence[UnitCost], world: int, budget: int, reserved: int = 0) -> PassPlan:
+    """The fewest passes whose predicted per-rank peak fits `budget` − `reserved` bytes (see module
+    doc); `reserved`: what the init holds besides its own buffers (the engine: one calibration
+    micro-step's activations and gathered parameters, measured)."""
     if world < 1:
         raise ConfigError(f"world size must be >= 1, got {world}")
     units = list(units)
@@ -179,16 +190,17 @@ def plan_passes(units: Sequence[UnitCost], world: int, budget: int) -> PassPlan:
         raise ConfigError(f"unit names must be unique; repeated: {sorted({n for n in names if names.count(n) > 1})}")
     inflight = max((u.inflight_bytes for u in units), default=0)
     for u in sorted(units, key=lambda u: u.name):
-        need = u.stats_bytes + u.solve_bytes + inflight
+        need = u.stats_bytes + u.solve_bytes + inflight + reserved
         if need > budget:
             raise ConfigError(
                 f"init memory budget {budget} B ({fmt_bytes(budget)}) per rank is too small for unit "
                 f"{u.name!r}: it needs {need} B ({fmt_bytes(need)}) alone (statistics {u.stats_bytes}, "
-                f"solve workspace {u.workspace_bytes}, gathered W {u.weight_bytes}, in-flight rows {inflight}); "
+                f"solve workspace {u.workspace_bytes}, gathered W {u.weight_bytes}, in-flight rows {inflight}, "
+                f"one calibration micro-step {reserved}); "
                 "raise the budget (init_memory_budget) or lower the statistics dtype")
     owner = assign_owners(units, world)
     mine = {r: [u for u in units if owner[u.name] == r] for r in range(world)}
-    capacity = budget - inflight
+    capacity = budget - reserved - inflight
     held = max((sum(u.stats_bytes for u in v) for v in mine.values()), default=0)
     k = max(1, math.ceil(held / capacity))  # a lower bound: no pass holds more than the capacity
     while True:
@@ -198,7 +210,8 @@ def plan_passes(units: Sequence[UnitCost], world: int, budget: int) -> PassPlan:
         k += 1  # terminates: at k = units per rank every unit has a pass to itself, and each fits alone
     passes = [{r: [u.name for u in packed[r][p]] for r in range(world) if packed[r][p]} for p in range(k)]
     passes = [ps for ps in passes if ps]
-    plan = PassPlan(world=world, budget=budget, units={u.name: u for u in units}, owner=owner, passes=passes)
+    plan = PassPlan(world=world, budget=budget, units={u.name: u for u in units}, owner=owner, passes=passes,
+                    reserved=reserved)
     _fill_costs(plan)
     return plan
 
@@ -208,16 +221,37 @@ def _fill_costs(plan: PassPlan) -> None:
     N = plan.world
     for ps in plan.passes:
         in_pass = [plan.units[n] for names in ps.values() for n in names]
-        inflight = max((u.inflight_bytes for u in in_pass), default=0)
-        peak, sent, recv = [], [], []
+        send = max((u.send_bytes for u in in_pass), default=0)
+        peak, collect, sent, recv = [], [], [], []
         for r in range(N):
             own = [plan.units[n] for n in ps.get(r, [])]
-            peak.append(sum(u.stats_bytes for u in own) + inflight + max((u.solve_bytes for u in own), default=0))
+            held = sum(u.stats_bytes for u in own)
+            # receiving and forming its own units' products, or sending its rows of another's
+            inflight = max([send] + [u.inflight_bytes for u in own])
+            collect.append(held + inflight)
+            peak.append(held + inflight + max((u.solve_bytes for u in own), default=0))
             recv.append(sum(u.wire_bytes for u in own) * (N - 1))
             sent.append(sum(u.wire_bytes for u in in_pass) - sum(u.wire_bytes for u in own))
         plan.peak.append(peak)
+        plan.collect_peak.append(collect)
         plan.wire_sent.append(sent)
         plan.wire_recv.append(recv)
+
+
+def _product_temporaries(stats: frozenset, d_outs: List[int], d_in: int, c: int, s_b: int) -> int:
+    """The most bytes Collector._products holds besides the totals while adding one chunk of c
+    positions in the statistics dtype: x (c·d_in) plus, for Σxᵀx, its masked rows and their
+    transposed copy (2·c·d_in); for g, δ and w·δ (2·c·d_out); for Σδ²/Σδᵀδ, δ and its masked rows
+    twice (3·c·d_out); the largest of these over the unit's modules (one product at a time)."""
+    if not stats:
+        return 0
+    most = 2 * d_in if INPUT_MOMENT in stats else 0
+    for d_out in d_outs:
+        if WEIGHT_GRADIENT in stats:
+            most = max(most, 2 * d_out)
+        if OUTPUT_GRAD_DIAG in stats or OUTPUT_GRAD_FULL in stats:
+            most = max(most, 3 * d_out)
+    return c * s_b * (d_in + most)
 
 
 def unit_costs(modules: Sequence[Tuple[str, int, int, str]], method, opts: Dict, r: int, *, world: int,
@@ -231,8 +265,9 @@ def unit_costs(modules: Sequence[Tuple[str, int, int, str]], method, opts: Dict,
     dtype when the dtypes differ); W = its modules' weights in the solve dtype if the method needs W;
     rows per token = d_in (x) + Σ d_out (δ, if a backward statistic is needed), compute_itemsize
     bytes each, + 9 B (float64 weight, bool mask); in flight = the owner receiving all `world`
-    ranks' rows of one micro-step plus its own send copy, (world + 1)·T·row bytes, and one
-    Collector.CHUNK of rows in the statistics dtype; wire = steps_per_rank·T·row bytes sent per rank;
+    ranks' rows of one micro-step plus its own send copy, (world + 1)·T·row bytes (none on one
+    process: local sums), plus the product temporaries of one chunk of min(T, Collector.CHUNK)
+    positions (_product_temporaries); wire = steps_per_rank·T·row bytes sent per rank;
     hook FLOPs per token = 2 · (elements of every product but Σx)."""
     stats = (method.stats_needed(opts) if method.needs_data else frozenset()) - {WEIGHT}
     s_b, w_b, T = stats_itemsize, solve_itemsize, tokens_per_step
@@ -255,8 +290,9 @@ def unit_costs(modules: Sequence[Tuple[str, int, int, str]], method, opts: Dict,
             flops += 2 * sum(math.prod(s) for k, s in shapes.items() if k != "sum")
         row = (d_in if stats else 0) + (sum(m[1] for m in mods) if needs_d else 0)
         row_bytes = row * compute_itemsize + (9 if needs_d else 0)
-        inflight = (world + 1) * T * row_bytes + Collector.CHUNK * row * s_b if row else 0
+        rows = (world + 1) * T * row_bytes if world > 1 else 0  # one process: local sums, no rows
+        inflight = rows + _product_temporaries(stats, [m[1] for m in mods], d_in, min(T, Collector.CHUNK), s_b)
         units.append(UnitCost(g, stats_bytes=sb, workspace_bytes=ws, weight_bytes=wb, inflight_bytes=inflight,
                               wire_bytes=steps_per_rank * T * row_bytes, solve_cost=cost,
-                              hook_flops_per_token=flops))
+                              hook_flops_per_token=flops, send_bytes=T * row_bytes if world > 1 else 0))
     return units

@@ -130,7 +130,7 @@ def collection_costs(mods: Dict, units: List[Unit], method, opts: Dict, r: int, 
     owner every micro-step), so no rank holds a copy of statistics it does not own. Local sums
     reduced once would send fewer bytes where d_in² < steps·T·(d_in + Σd_out) (small layers, many
     tokens, as in the tests), but every rank would hold them for the whole pass: memory decides.
-    One rank: local sums (they are the totals), `inflight_bytes` and `wire_bytes` 0."""
+    One rank: local sums (they are the totals), `wire_bytes` 0, `inflight_bytes` the product temporaries."""
     modules = [(n, mods[n].out_features, mods[n].in_features, u.name) for u in units for n in u.modules]
     size = {k: torch.empty((), dtype=v).element_size() for k, v in dtypes.items()}
     costs = unit_costs(modules, method, opts, r, world=world, tokens_per_step=max(step_rows, default=1),
@@ -138,8 +138,8 @@ def collection_costs(mods: Dict, units: List[Unit], method, opts: Dict, r: int, 
                        solve_itemsize=size["solve"], compute_itemsize=size["compute"])
     out = []
     for c in costs:
-        if world == 1 or not c.inflight_bytes:
-            c = replace(c, inflight_bytes=0, wire_bytes=0)
+        if world == 1:
+            c = replace(c, wire_bytes=0)
         out.append(c)
     return out
 

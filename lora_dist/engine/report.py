@@ -24,6 +24,8 @@ class InitReport:
     bytes_sent_per_rank: List[int] = field(default_factory=list)       # every collective
     reduce_bytes_per_rank: List[int] = field(default_factory=list)     # statistics moved to owners
     allreduce_bytes_per_rank: List[int] = field(default_factory=list)
+    memory_budget: int = 0              # bytes per rank given (or derived from the device); 0: layer_groups
+    calibration_step_bytes: int = 0     # measured: one calibration micro-step alone; planned under budget − this
     stats_bytes_total: int = 0          # the reduced statistics of every adapted layer, summed
     stats_peak_bytes_per_rank: List[int] = field(default_factory=list)  # measured: live tensors
     weight_peak_bytes_per_rank: List[int] = field(default_factory=list)

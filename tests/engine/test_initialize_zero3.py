@@ -76,21 +76,21 @@ def test_invariance_on_3_and_4_ranks_and_2x2_nodes_with_uneven_shards_and_the_bu
     with a contiguous share proportional to rank + 1 (ranks run out of batches at different steps).
     The 3-rank launch also runs the acceptance: LoRA-DA on a 5-layer h=256/f=688 Llama under
     budget = 1.25·total/N + 3·(largest unit), with total written out from the shapes."""
-    # r = 12 (tiny) and 6 (the acceptance model): every adapter's size divides by 3 and 4. DeepSpeed
-    # 0.19.8's safe_set_full_fp32_param overruns the last rank's slice otherwise (its narrow() ignores
-    # the partition padding), so an adapter of r·d elements not divisible by N cannot be written there.
-    ref = single_process(tiny_llama_dir, r=12)
+    # r = 4 on the tiny model: A (4×64, 4×128) and B (32×4, 64×4, 128×4) have element counts that 3
+    # does not divide, so the 3-rank launch writes fp32 masters whose last partition is padded
+    # (DeepSpeed 0.19.8's safe_set_full_fp32_param overran that slice; zero.write_params handles it).
+    ref = single_process(tiny_llama_dir, r=4)
     big = str(tmp_path / "big")
     tiny_llama(hidden_size=256, intermediate_size=688, num_hidden_layers=5, num_attention_heads=4,
                num_key_value_heads=4, vocab_size=1024).save_pretrained(big)
     ref_big = _one_process(big, 6, ACCEPTANCE_INIT, ACCEPTANCE_SAMPLES())
     out = str(tmp_path)
     run_ranks("engine_zero3.py", ["--model", tiny_llama_dir, "--out", out, "--tag", "r3", "--micro", "2", "--uneven",
-                                  "--r", "12", "--acceptance_model", big], nproc=3)
+                                  "--r", "4", "--acceptance_model", big], nproc=3)
     run_ranks("engine_zero3.py", ["--model", tiny_llama_dir, "--out", out, "--tag", "r4", "--micro", "3", "--uneven",
-                                  "--r", "12"], nproc=4)
+                                  "--r", "4"], nproc=4)
     run_two_nodes("engine_zero3.py", ["--model", tiny_llama_dir, "--out", out, "--tag", "n2x2", "--micro", "2",
-                                      "--uneven", "--r", "12"], slots=2)
+                                      "--uneven", "--r", "4"], slots=2)
     for tag in ("r3", "r4", "n2x2"):
         for name in METHODS:
             got = torch.load(f"{out}/{tag}_{name}.pt")
@@ -100,7 +100,13 @@ def test_invariance_on_3_and_4_ranks_and_2x2_nodes_with_uneven_shards_and_the_bu
     acc = read_report(f"{out}/r3.json")["acceptance"]
     assert acc["stats_bytes_total"] == acc["total_from_shapes"]
     assert acc["passes"] <= 2, acc
-    assert max(acc["stats_peak"]) <= acc["budget"], acc
+    assert max(acc["stats_peak"]) <= acc["budget"] - acc["step_bytes"], acc
+    assert acc["step_bytes"] > 0
+    # the planner's per-rank collection peak (statistics + rows in flight + product temporaries)
+    # against the one measured from live tensors, rows mode on 3 ranks
+    predicted = [max(p[r] for p in acc["collect_peak"]) for r in range(3)]
+    print("acceptance: predicted / measured collection peak per rank", predicted, acc["stats_peak"])
+    assert max(abs(p - m) / m for p, m in zip(predicted, acc["stats_peak"])) <= 0.05, (predicted, acc["stats_peak"])
     got = torch.load(f"{out}/r3_acceptance.pt")
     assert set(got) == set(ref_big)
     worst = max(_rel(got[k], ref_big[k]) for k in got)

@@ -15,8 +15,8 @@ def _units(seed, n=8):
     for i in range(n):
         b = rng.randint(10, 200)
         out.append(UnitCost(f"u{i}", stats_bytes=b, workspace_bytes=rng.randint(0, b), weight_bytes=rng.choice([0, 7]),
-                            inflight_bytes=rng.randint(1, 9), wire_bytes=rng.randint(1, 50),
-                            solve_cost=float(rng.randint(1, 100))))
+                            inflight_bytes=rng.randint(5, 9), wire_bytes=rng.randint(1, 50),
+                            solve_cost=float(rng.randint(1, 100)), send_bytes=rng.randint(1, 4)))
     return out
 
 
@@ -54,11 +54,14 @@ def test_fewest_passes_and_budget(seed):
         assert seen == sorted(u.name for u in units)                     # every unit once
         byname = {u.name: u for u in units}
         for p, ps in enumerate(plan.passes):
-            inflight = max(byname[n].inflight_bytes for names in ps.values() for n in names)
+            send = max(byname[n].send_bytes for names in ps.values() for n in names)
             for r in range(world):
                 own = [byname[n] for n in ps.get(r, [])]
                 assert all(plan.owner[u.name] == r for u in own)
+                # in flight: its own units' exchange (receiving + products), or sending its rows
+                inflight = max([send] + [u.inflight_bytes for u in own])
                 assert plan.peak[p][r] == _peak(own, inflight)
+                assert plan.collect_peak[p][r] == sum(u.stats_bytes for u in own) + inflight
                 assert plan.wire_recv[p][r] == sum(u.wire_bytes for u in own) * (world - 1)
     assert plan_passes(units, world, 10 ** 6).n_passes == 1
 
@@ -109,8 +112,12 @@ def test_unit_costs_written_out():
     assert down.stats_bytes == 8 * ((100 + 10) + (4 * 10 + 4))
     assert qkv.workspace_bytes == 8 * (2 * 16 + 2 * 4 * 6)             # the widest module's solve
     row = 4 + 6 + 2 + 2                                                  # x and the three δ
-    assert qkv.wire_bytes == 7 * 5 * (2 * row + 9)
-    assert qkv.inflight_bytes == 4 * 5 * (2 * row + 9) + 512 * row * 8
+    assert qkv.wire_bytes == 7 * 5 * (2 * row + 9) and qkv.send_bytes == 5 * (2 * row + 9)
+    # rows of the owner and its 3 peers, plus one chunk (5 positions) of product temporaries in
+    # float64: x and, for diag G of the widest module (q, d_out 6), δ and its masked rows twice
+    assert qkv.inflight_bytes == 4 * 5 * (2 * row + 9) + 5 * 8 * (4 + 3 * 6)
+    one = unit_costs(mods, da, da.resolve_options({}), 2, **{**kw, "world": 1})[0]  # local sums: no rows
+    assert one.inflight_bytes == 5 * 8 * (4 + 3 * 6)
     assert qkv.hook_flops_per_token == 2 * (16 + 6 * 4 + 6 + 2 * (2 * 4 + 2))
     assert qkv.weight_bytes == 0 and qkv.solve_cost == sum(da.cost(o, 4, 2) for _, o, _, _ in mods[:3])
     eva = get_method("eva")                                              # forward-only: x rows, no δ

@@ -9,7 +9,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from lora_dist.comm import Comm
+from lora_dist.comm import Comm, release_shm_buffers
 from lora_dist.errors import ConfigError, DistributedError
 from lora_dist.zero import is_partitioned, read_full
 
@@ -19,6 +19,7 @@ p.add_argument("--local_rank", type=int, default=0)
 args = p.parse_args()
 
 deepspeed.init_distributed(dist_backend="gloo")
+release_shm_buffers()
 rank = dist.get_rank()
 comm = Comm()
 res = {"on": comm.on, "rank": comm.rank, "world": comm.world, "device": str(comm.device)}

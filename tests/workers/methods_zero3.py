@@ -23,6 +23,7 @@ import lora_dist as ld  # noqa: E402
 from calib_data import calibration_samples, make_batches  # noqa: E402
 from lora_dist.adapters import adapter_modules
 from lora_dist.engine.methods import METHODS
+from lora_dist.comm import release_shm_buffers
 from lora_dist.zero import read_full
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -68,6 +69,7 @@ def main():
     args = p.parse_args()
 
     deepspeed.init_distributed(dist_backend="gloo")
+    release_shm_buffers()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(1234)
     ds = {
@@ -148,6 +150,8 @@ def main():
     if rank == 0:
         with open(os.path.join(args.out, "report.json"), "w") as f:
             json.dump(report, f, indent=1)
+    dist.barrier()
+    dist.destroy_process_group()  # no gloo threads alive at interpreter exit
 
 
 if __name__ == "__main__":

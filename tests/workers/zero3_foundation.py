@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 import lora_dist as ld
+from lora_dist.comm import release_shm_buffers
 from lora_dist.zero import is_partitioned, read_full
 
 p = argparse.ArgumentParser()
@@ -23,6 +24,7 @@ p.add_argument("--local_rank", type=int, default=0)
 args = p.parse_args()
 
 deepspeed.init_distributed(dist_backend="gloo")
+release_shm_buffers()
 rank, world = dist.get_rank(), dist.get_world_size()
 torch.manual_seed(1234)
 
@@ -114,3 +116,5 @@ for kind in args.kinds.split(","):
 if rank == 0:
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
+dist.barrier()
+dist.destroy_process_group()  # no gloo threads alive at interpreter exit
