@@ -14,10 +14,12 @@ side by side in one run:
      VM, whose vCPUs share execution units, which caps a compute-bound solve's speedup there);
   2. per-rank peak memory of init versus one training step on the same config: the peak of heap
      bytes in use (glibc mallinfo2: what CPU tensors occupy, whatever the allocator keeps cached),
-     sampled by a thread during the phase, minus the level just before it; each phase runs once to
+     sampled by a thread during the phase, minus the level just before it (the engine's own
+     lora_dist.engine.footprint.LivePeak, which also sizes the calibration step); each phase runs once to
      warm up (lazy library loads, first-touch buffers) and is measured the second time. No layer
-     groups: (a) memory_budget = the training step's measured peak: the passes it takes and init
-     peak / train-step peak; (b) the default budget: the measured statistics peak per rank against
+     groups: (a) memory_budget = the training step's measured peak: the passes it takes (planned
+     under that budget minus one calibration micro-step, which the engine measures) and init
+     peak / train-step peak (≤ 1 is the acceptance); (b) the default budget: the measured statistics peak per rank against
      total/N (and total/N + the largest unit);
   3. bytes each rank sent moving statistics to their owners (rows to owners, or local sums reduced),
      against the earlier design on the same run and plan (local sums of every unit, reduced once).
@@ -55,6 +57,7 @@ def parse(argv=None):
     p.add_argument("--repeats", type=int, default=3,
                    help="measured init runs per launch for the speedup (after one warm-up); the median is used")
     p.add_argument("--speed_only", action="store_true", help="only the solve-speedup comparison (part 1)")
+    p.add_argument("--memory_only", action="store_true", help="only the memory and wire comparison (parts 2-3)")
     p.add_argument("--precision", action="store_true",
                    help="only the hook-product precision measurement (float64 vs fp32 products of bf16 rows)")
     p.add_argument("--out", default=None, help="write the table as JSON here")
@@ -71,46 +74,6 @@ def parse(argv=None):
         if getattr(a, k) <= 0:
             p.error(f"--{k} must be positive, got {getattr(a, k)}")
     return a
-
-
-class HeapPeak:
-    """Peak of malloc's in-use bytes during a block, sampled every ~0.5 ms by a thread (CPU)."""
-
-    def __init__(self):
-        import ctypes
-        import threading
-
-        class MallInfo2(ctypes.Structure):
-            _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = MallInfo2
-        self._info = libc.mallinfo2
-        self._threading = threading
-
-    def in_use(self) -> int:
-        m = self._info()
-        return m.uordblks + m.hblkhd  # arena bytes in use + mmapped chunks (large tensors)
-
-    def __enter__(self):
-        self.start = self.peak = self.in_use()
-        self._stop = self._threading.Event()
-
-        def poll():
-            while not self._stop.wait(0.0005):
-                self.peak = max(self.peak, self.in_use())
-        self._thread = self._threading.Thread(target=poll, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.in_use())
-
-    @property
-    def rise_mib(self) -> float:
-        return (self.peak - self.start) / 2 ** 20
 
 
 def _batches(args, rank, world, vocab):
@@ -136,9 +99,12 @@ def worker(args):
 
     sys.path.insert(0, REPO)
     import lora_dist as ld
+    from lora_dist.comm import release_shm_buffers
+    from lora_dist.engine.footprint import LivePeak
 
     torch.set_num_threads(1)
     deepspeed.init_distributed(dist_backend="gloo")
+    release_shm_buffers()  # DeepSpeed leaves its /dev/shm buffers behind otherwise
     rank, world = dist.get_rank(), dist.get_world_size()
     ds = {"train_micro_batch_size_per_gpu": args.micro, "gradient_accumulation_steps": 1,
           "train_batch_size": args.micro * world,
@@ -158,7 +124,7 @@ def worker(args):
     # Heap polling only in the memory runs: its thread would take CPU from the timed solves (with
     # 2 ranks on 2 cores it competes with the other rank's solve and skews the speedup).
     measure_memory = args.worker == "train" or args.measure
-    heap = HeapPeak() if measure_memory else contextlib.nullcontext()
+    heap = LivePeak(torch.device("cpu")) if measure_memory else contextlib.nullcontext()
 
     def phase():
         if args.worker == "init":
@@ -179,7 +145,7 @@ def worker(args):
         if args.worker == "init":
             runs.append(rep)
     if measure_memory:
-        result["heap_rise_mib"] = heap.rise_mib
+        result["heap_rise_mib"] = heap.rise / 2 ** 20
     if args.worker == "init":
         measured = sorted(runs[1:], key=lambda rp: rp.solve_wall)
         rep = measured[len(measured) // 2]  # the median run (the slower middle one for an even count)
@@ -190,6 +156,7 @@ def worker(args):
                       balance=rep.plan.balance(), old_design=rep.old_design_bytes_per_rank,
                       stats_total=rep.stats_bytes_total,
                       budget=rep.pass_plan.budget if rep.pass_plan else None,
+                      step_bytes=rep.calibration_step_bytes,
                       predicted_peak=rep.pass_plan.max_peak() if rep.pass_plan else None,
                       largest_unit=max((u.stats_bytes for u in rep.pass_plan.units.values()), default=0)
                       if rep.pass_plan else None)
@@ -198,6 +165,8 @@ def worker(args):
     if rank == 0:
         with open(args.report, "w") as f:
             json.dump(all_results, f)
+    dist.barrier()
+    dist.destroy_process_group()  # no gloo threads left running at interpreter exit
 
 
 def launch(args, nproc, mode, model_dir, report, groups=None, budget=None, measure=False):
@@ -309,6 +278,11 @@ def _memory_rows(args, mem_init, mem_train, mem_default):
         rows.append((f"rank {r}: {args.init} init peak rise, {how}, {mem_init[0]['passes']} pass(es), "
                      f"sub-batch {args.calib_micro} (MiB)", f"{ri:.1f}"))
         rows.append((f"rank {r}: init / train-step peak", f"{ri / rt:.2f}"))
+    if not args.layer_groups:
+        m = mem_init[0]
+        rows.append(("budget = train-step peak: budget; one calibration micro-step (measured); predicted "
+                     "init peak + step (MiB)", f"{m['budget'] / 2**20:.1f}; {m['step_bytes'] / 2**20:.1f}; "
+                     f"{(m['predicted_peak'] + m['step_bytes']) / 2**20:.1f}"))
     d = mem_default[0]
     per_rank = d["stats_total"] / 2
     rows.append((f"default budget: passes; budget per rank (MiB)", f"{d['passes']}; {d['budget'] / 2**20:.0f}"))
@@ -347,10 +321,11 @@ def main(argv=None):
           f"h={args.hidden} ffn={args.ffn}: {n_layers} adapted layers; {args.samples} samples × {args.seq} tokens, "
           f"micro-batch {args.micro}; 1 thread per rank; {os.cpu_count()} CPU cores", flush=True)
     rows, speed = [], {}
-    alone, together, ceiling = machine_ceiling()
-    rows.append(("machine: 1-thread fp64 GEMM, 1 process / 2 at once (s)", f"{alone:.2f} / {together:.2f}"))
-    rows.append(("machine: 2-process GEMM throughput vs 1 (speedup ceiling)", f"{ceiling:.2f}x"))
-    for init in inits:
+    alone, together, ceiling = machine_ceiling() if not args.memory_only else (0.0, 0.0, 0.0)
+    if not args.memory_only:
+        rows.append(("machine: 1-thread fp64 GEMM, 1 process / 2 at once (s)", f"{alone:.2f} / {together:.2f}"))
+        rows.append(("machine: 2-process GEMM throughput vs 1 (speedup ceiling)", f"{ceiling:.2f}x"))
+    for init in ([] if args.memory_only else inits):
         sub = argparse.Namespace(**{**vars(args), "init": init})
         one = launch(sub, 1, "init", model_dir, os.path.join(tmp, f"one_{init}.json"))
         two = launch(sub, 2, "init", model_dir, os.path.join(tmp, f"two_{init}.json"))
