@@ -276,7 +276,7 @@ def check_inputs(args: TrainConfig, out_dir: str, world: int, judge_output: bool
     if args.resume and args.adapter != "none":  # the checkpoint's adapter config (and rule) wins
         saved = check(lambda: _saved_config(out_dir))
         if saved is not None:
-            check(lambda: _check_resumed_rule(args, saved, out_dir, world))
+            check(lambda: _check_resumed_config(args, saved, out_dir, world))
             config = saved
     records = check(lambda: _load_data(args.data))
     model_ok = check(lambda: _check_model(args.model)) is not None
@@ -298,14 +298,15 @@ def _saved_config(out_dir: str):
     return AdapterConfig.from_dict(read_adapter_config(os.path.join(ckpt_dir, tag, "adapter"))["config"])
 
 
-def _check_resumed_rule(args: TrainConfig, saved, out_dir: str, world: int) -> None:
-    """On --resume the checkpoint's rule continues: an update-rule flag set explicitly to another
-    value is an error, and so is a LoRA-Pro checkpoint without every rank's moments."""
-    problems = [f"--{k} {v!r} (the checkpoint has {getattr(saved, k)!r})" for k, v in args.rule_flags().items()
-                if k in args.given and v != getattr(saved, k)]
-    if problems:
-        problems = [f"--resume: the checkpoint's adapter config decides the update rule; drop or match "
-                    f"{', '.join(problems)}"]
+def _check_resumed_config(args: TrainConfig, saved, out_dir: str, world: int) -> None:
+    """On --resume the checkpoint's adapter config (kind, shape, init, update rule) continues: an
+    adapter flag set explicitly to another value is an error, never silently overridden, and so is
+    a LoRA-Pro checkpoint without every rank's moments."""
+    given = {f"--{flag}": (value, getattr(saved, field)) for flag, field, value in _adapter_flags(args)
+             if flag in args.given and value != getattr(saved, field)}
+    problems = [f"--resume: the checkpoint's adapter config decides the adapter and its update rule; drop "
+                f"or match {', '.join(f'{k} {v!r} (the checkpoint has {c!r})' for k, (v, c) in given.items())}"] \
+        if given else []
     ckpt_dir = os.path.join(out_dir, "checkpoints")
     tag = checkpoint.latest_tag(ckpt_dir)
     if saved.update_rule == "lora_pro" and saved.update_option("moments") == "full":
@@ -315,6 +316,15 @@ def _check_resumed_rule(args: TrainConfig, saved, out_dir: str, world: int) -> N
                             f"({PRO_STATE}_rank<r>.pt); resume on the world size it was saved with")
     if problems:
         raise ConfigError("\nerror: ".join(problems))
+
+
+def _adapter_flags(args: TrainConfig):
+    """(flag, AdapterConfig field, the flag's value as that field holds it) for the adapter flags."""
+    targets = "all-linear" if args.target_modules == "all-linear" else args.target_modules.split(",")
+    plain = [("adapter", "kind", args.adapter), ("init", "init", args.init), ("r", "r", args.r),
+             ("alpha", "alpha", args.alpha), ("use_rslora", "use_rslora", args.use_rslora),
+             ("dropout", "dropout", args.dropout), ("target_modules", "target_modules", targets)]
+    return plain + [(k, k, v) for k, v in args.rule_flags().items()]
 
 
 def _load_data(path: str):

@@ -139,7 +139,8 @@ def test_lora_pro_full_resumes_onto_the_same_trajectory(small_data, tmp_path):
     assert len(lines) == 3 and "Traceback" not in err, err[-3000:]
     assert lines[0].startswith("error: --adapter lora_fa --init kaiming --update_rule lora_pro --update_options "
                                "{'moments': 'none'}: AdapterConfig: update_rule='lora_pro' needs kind in ['lora']")
-    assert lines[1] == ("error: --resume: the checkpoint's adapter config decides the update rule; drop or match "
+    assert lines[1] == ("error: --resume: the checkpoint's adapter config decides the adapter and its update rule; "
+                        "drop or match --adapter 'lora_fa' (the checkpoint has 'lora'), "
                         "--update_options {'moments': 'none'} (the checkpoint has {})")
     assert lines[2].startswith("error: --resume: checkpoint 'step3' lacks LoRA-Pro's moments of rank(s) [0]")
 
