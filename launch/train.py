@@ -39,7 +39,7 @@ from lora_dist.export import read_adapter_config  # noqa: E402
 from lora_dist.job import checkpoint, data  # noqa: E402
 from lora_dist.job.args import TrainConfig, parse_args  # noqa: E402
 from lora_dist.job.demo import demo_presets, resolve_model  # noqa: E402
-from lora_dist.job.distributed import collectively, init_distributed, launch_rank  # noqa: E402
+from lora_dist.job.distributed import collectively, init_distributed, launch_rank, shutdown  # noqa: E402
 from lora_dist.job.ds_config import first_moving_lr, load_ds_config, prepare_ds_config, warmup_steps_from_ratio  # noqa: E402
 from lora_dist.job.evaluate import eval_exact_match, eval_loss  # noqa: E402
 from lora_dist.job.loss import loss_tokens, step_scaled  # noqa: E402
@@ -62,6 +62,8 @@ def main(argv=None):
         if launch_rank() == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    finally:
+        shutdown()
 
 
 def train(args: TrainConfig):

@@ -45,6 +45,15 @@ def init_distributed() -> str:
     return how
 
 
+def shutdown() -> None:
+    """Destroy the default process group if one is up. A gloo group keeps threads running until it
+    is destroyed; a rank that exits with them alive (e.g. `sys.exit(2)` after a bad input) can abort
+    in C++ ("terminate called without an active exception", exit -6) instead of exiting with 2."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def launch_rank() -> int:
     """This process's global rank as the launcher set it (0 for a plain `python` run); usable
     before, after, or without torch.distributed."""
