@@ -20,6 +20,12 @@ are distractors. Two parts of different difficulty:
 So accuracy rises above chance early and the methods separate on the hard bit. Classes are balanced
 exactly in every split, so chance is 1/4.
 
+Measured (full mode, kaiming LoRA r=8 + head, AdamW, batch 32, val accuracy): 0.25 untrained; ~0.50 at
+100-400 steps (lr 1e-3 / 2e-3 constant, 3e-3 warm-up + cosine), val loss ~0.70 (ln 2 = 0.693 is the
+easy bit alone); full fine-tuning at 1e-4 also ~0.49 at 200 steps. The size of NOUNS is the difficulty
+knob, and it is sharp: with 12 or 20 nouns LoRA at 1e-3 reaches 1.00 by step 200 (at 3e-3 it can
+collapse to chance), with 32 nothing cracks the noun bit within 400 steps.
+
 The classifier: mean pooling over the attention mask (as sentence-transformers pools this model),
 then a linear head `classifier` (the library's name convention for an output head, so "all-linear"
 never adapts it). The head is NEW: it starts from a fixed seed (the same head for every method and
