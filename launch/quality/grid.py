@@ -5,6 +5,7 @@
            decade past that edge (at most `MAX_EXTEND` times), so no method is judged at an LR
            that is merely the grid's boundary;
 3. seeds:  the best LR (lowest final validation loss) with seeds 1 … S−1; seed 0's run is reused.
+Where the grid cannot afford a sweep per method (the encoder part), a family shares its leader's.
 
 Runs are independent, single-threaded processes; `workers` of them run at once (two on this 2-core
 machine). Every finished run is appended to a JSONL cache as one line and flushed, so a killed
@@ -135,13 +136,17 @@ def best_lr(grid: Grid, method: str) -> Tuple[float, List[float]]:
     return best["lr"], [r["lr"] for r in runs]
 
 
-def protocol(grid: Grid, methods: Dict[str, object], seeds: int, sweep: Optional[Callable] = None) -> Dict[str, float]:
-    """Sweep, extend, seeds; returns {method: best LR}. `sweep(method) -> LRs` overrides method.lrs."""
-    lrs_of = sweep or (lambda m: m.lrs)
-    grid.run([(n, lr, 0) for n, m in methods.items() for lr in lrs_of(m)], "LR sweep on validation")
+def protocol(grid: Grid, methods: Dict[str, object], seeds: int, leaders: Optional[Dict[str, str]] = None) -> Dict[str, float]:
+    """Sweep, extend, seeds; returns {method: best LR}. `leaders` shares a sweep within a family:
+    {method: the method whose sweep it uses} (default: its own); a follower runs every seed at its
+    leader's best LR."""
+    leaders = leaders or {}
+    lead = {n: leaders.get(n, n) for n in methods}
+    sweepers = sorted(set(lead.values()), key=list(methods).index)
+    grid.run([(n, lr, 0) for n in sweepers for lr in methods[n].lrs], "LR sweep on validation")
     for _ in range(MAX_EXTEND):
         more = []
-        for n in methods:
+        for n in sweepers:
             best, tried = best_lr(grid, n)
             if len(tried) > 1 and best == tried[0]:
                 more.append((n, tried[0] / STEP, 0))
@@ -150,6 +155,8 @@ def protocol(grid: Grid, methods: Dict[str, object], seeds: int, sweep: Optional
         if not more:
             break
         grid.run(more, "LR sweep, past a winning edge")
-    chosen = {n: best_lr(grid, n)[0] for n in methods}
-    grid.run([(n, lr, s) for n, lr in chosen.items() for s in range(1, seeds)], "seeds at the best LR, on test")
+    best = {n: best_lr(grid, n)[0] for n in sweepers}
+    chosen = {n: best[lead[n]] for n in methods}
+    grid.run([(n, lr, s) for n, lr in chosen.items() for s in range(0 if lead[n] != n else 1, seeds)],
+             "seeds at the best LR, on test")
     return chosen

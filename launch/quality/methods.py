@@ -76,4 +76,4 @@ def _registry() -> Dict[str, Method]:
 
 
 METHODS = _registry()
-QUICK = ("full", "lora_r1", "lora_kaiming", "pissa", "lora_da", "fa_kaiming_proj", "lora_pro", "lora_sb_r8")
+QUICK = ("full", "lora_r1", "lora_kaiming", "lora_da", "fa_kaiming_proj", "lora_sb_r8")

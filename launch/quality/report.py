@@ -29,15 +29,17 @@ def _at(row: dict, fraction: float) -> dict:
     return next((e for e in row["evals"] if e["step"] == step), {})
 
 
-def summarize(grid: Grid, methods: Dict, chosen: Dict[str, float], seeds: int) -> Dict[str, dict]:
+def summarize(grid: Grid, methods: Dict, chosen: Dict[str, float], seeds: int,
+              leaders: Optional[Dict[str, str]] = None) -> Dict[str, dict]:
     out = {}
     for name, m in methods.items():
-        lr = chosen[name]
+        lr, leader = chosen[name], (leaders or {}).get(name, name)
         runs = sorted(grid.rows(name, lr=lr), key=lambda r: r["seed"])[:seeds]
-        _, tried = best_lr(grid, name)
+        _, tried = best_lr(grid, leader)
         s = {"label": m.label, "family": m.family, "lr": lr, "lrs": tried, "edge": lr in (tried[0], tried[-1]),
+             "lr_from": leader,
              "n": len(runs), "trainable": runs[0]["trainable"],
-             "sweep": {f"{r['lr']:.3g}": final_val(r) for r in sorted(grid.rows(name, seed=0), key=lambda r: r["lr"])},
+             "sweep": {f"{r['lr']:.3g}": final_val(r) for r in sorted(grid.rows(leader, seed=0), key=lambda r: r["lr"])},
              "init_frac": _ms([r["init_s"] / r["train_s"] for r in runs])[0],
              "init_s": _ms([r["init_s"] for r in runs])[0], "train_s": _ms([r["train_s"] for r in runs])[0],
              "init_peak_mib": max(r["init_peak_bytes"] for r in runs) / 2 ** 20,
@@ -112,6 +114,8 @@ def table(summary: Dict[str, dict], metric_name: str) -> str:
         s = summary[k]
         tried = ", ".join(f"{x:.2g}" for x in s["lrs"])
         edge = " (edge)" if s["edge"] else ""
+        if s.get("lr_from", k) != k:
+            edge += f", {summary[s['lr_from']]['label'] if s['lr_from'] in summary else s['lr_from']}'s sweep"
         div = f" ({s['diverged']} diverged)" if s["diverged"] else ""
         lines.append(f"| {s['label']}{div} | {s['trainable']:,} | {s['lr']:.2g}{edge} ({tried}) | {fmt_ms(s['loss_half'])} | "
                      f"{fmt_ms(s['loss_final'])} | {fmt_ms(s['metric_half'], 1, True)} | {fmt_ms(s['metric_final'], 1, True)} | "

@@ -83,7 +83,7 @@ def _train(task, model, opt, pro, steps: int, batch: int, seed: int, evaluate: b
     from lora_dist.engine.footprint import LivePeak
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(steps))
-    at = {max(1, round(f * steps)) for f in EVAL_FRACTIONS}
+    at = {max(1, round(f * steps)) for f in getattr(task, "eval_fractions", EVAL_FRACTIONS)}
     out = {"train_s": 0.0, "eval_s": 0.0, "train_peak_bytes": 0, "evals": [], "train_loss": [], "diverged": False}
     model.train()
     for step in range(1, steps + 1):

@@ -6,10 +6,11 @@ Tokens are characters: PAD, BOS, EOS, the ten digits and the operator symbols. E
 - Pretraining corpus (the "pretrained model"): a+b (addition), a-b (a ≥ b), r a (digit reversal),
   a, b uniform in [0, 10^D), loss on every token. `pretrained_base` trains it once and caches it
   with `save_pretrained`, keyed by the hash of its recipe.
-- Target task (the shift): a new operator `#`, a#b = reverse(a+b) for a fixed random digit map
-  applied to the result's digits, i.e. answer = map(reverse(str(a+b))). It composes two pretrained skills
-  (adding, reversing) with a new, arbitrary token map that must be learned, and the new operator symbol
-  is never seen in pretraining. Loss is on the answer and EOS only.
+- Target task (the shift): a#b = a+b with an operator symbol `#` that pretraining never showed (its
+  embedding is still the random init). The base adds at about 36% exact match with `+`; on `#` it
+  starts at 0. A pilot at 300 steps, batch 32: full fine-tuning 21%, LoRA r=8 17%, LoRA r=1 15%
+  exact match, far from saturated. (Harder variants, the sum reversed or digit-mapped, stayed
+  below 2% exact match for every method: nothing to compare.) Loss is on the answer and EOS only.
 - Splits: disjoint sets of (a, b) pairs: train (`n_train`, the N of LoRA-DA), val, test.
 - Exact match = every answer token (and EOS) is the argmax under teacher forcing. That is the same
   as greedy decoding returning the answer: greedy follows the argmax, so it reproduces the gold
@@ -44,15 +45,15 @@ class Recipe:
     heads: int = 4
     intermediate: int = 256
     digits: int = 3
-    steps: int = 2000
-    batch: int = 128
+    steps: int = 3000
+    batch: int = 64
     lr: float = 3e-3
     seed: int = 1234
 
     @classmethod
     def quick(cls) -> "Recipe":
         """The --quick base: small enough to pretrain in seconds."""
-        return cls(hidden=64, layers=2, intermediate=128, steps=300, batch=64)
+        return cls(hidden=64, layers=2, intermediate=128, steps=1200, batch=64)
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -99,6 +100,22 @@ def pretrained_base(cache_dir: str, recipe: Recipe = Recipe(), log=print) -> str
     path = os.path.join(cache_dir, f"base-{recipe.key()}")
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: the same base, bit for bit, wherever it is rebuilt
+    try:
+        model = _pretrain(recipe, log)
+    finally:
+        torch.set_num_threads(threads)
+    tmp = path + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    with open(os.path.join(tmp, "pretraining.json"), "w") as f:
+        json.dump({"recipe": asdict(recipe), "exact_match": base_skills(model, recipe)}, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
+def _pretrain(recipe: Recipe, log):
+    """AdamW, one-cycle LR, LM loss on every token of fresh corpus batches."""
     model = _build_llama(recipe)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps, pct_start=0.05)
@@ -111,10 +128,33 @@ def pretrained_base(cache_dir: str, recipe: Recipe = Recipe(), log=print) -> str
         opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
         if step % 500 == 0 or step == recipe.steps:
             log(f"pretraining the base model: step {step}/{recipe.steps}, loss {loss.item():.4f}")
-    tmp = path + f".tmp{os.getpid()}"
-    model.save_pretrained(tmp)
-    os.replace(tmp, path)
-    return path
+    return model
+
+
+@torch.no_grad()
+def base_skills(model, recipe: Recipe, n: int = 512) -> Dict[str, float]:
+    """The pretrained model's exact match on fresh examples of each pretraining operation (the
+    answer after `=`, teacher-forced argmax; see the module doc)."""
+    rng = random.Random(recipe.seed + 1)
+    out = {}
+    for op, want in (("add", "+"), ("sub", "-"), ("rev", "r")):
+        ex = []
+        while len(ex) < n:
+            text = _pretrain_example(rng, recipe.digits)
+            if want in text:
+                prompt, ans = text.split("=")
+                ex.append(([BOS] + encode(prompt + "="), encode(ans) + [EOS]))
+        out[op] = _exact_match(model, ex)
+    return out
+
+
+def _exact_match(model, examples) -> float:
+    rows = [p + a for p, a in examples]
+    b = _pad(rows, [[-100] * len(p) + a for p, a in examples])
+    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+    gold = b["labels"][:, 1:]
+    right = (logits.argmax(-1) == gold) | (gold == -100)
+    return float(right.all(dim=1).float().mean())
 
 
 class ArithmeticShift:
@@ -126,7 +166,7 @@ class ArithmeticShift:
     def __init__(self, cache_dir: str, quick: bool = False, recipe: Recipe = Recipe(), log=print):
         self.recipe = recipe
         self.base = pretrained_base(cache_dir, recipe, log)
-        sizes = (1024, 256, 256) if quick else (4096, 512, 1024)
+        sizes = (1024, 256, 256) if quick else (4096, 384, 768)
         self.splits = self._splits(*sizes)
         self.n_train = sizes[0]
         from .methods import METHODS
@@ -137,8 +177,6 @@ class ArithmeticShift:
         """Disjoint (a, b) pairs, drawn once from a fixed seed; each example is (prompt, answer) ids."""
         rng = random.Random(2026)
         hi = 10 ** self.recipe.digits
-        digit_map = list("0123456789")
-        rng.shuffle(digit_map)
         pairs = set()
         while len(pairs) < n_train + n_val + n_test:
             pairs.add((rng.randrange(hi), rng.randrange(hi)))
@@ -146,7 +184,7 @@ class ArithmeticShift:
         rng.shuffle(pairs)
 
         def example(a, b):
-            ans = "".join(digit_map[int(c)] for c in str(a + b)[::-1])
+            ans = str(a + b)
             return [BOS] + encode(f"{a}#{b}="), encode(ans) + [EOS]
         ex = [example(a, b) for a, b in pairs]
         return {"train": ex[:n_train], "val": ex[n_train:n_train + n_val], "test": ex[n_train + n_val:]}
