@@ -48,6 +48,13 @@ def judge(summary: Dict[str, dict], pw: dict) -> List[dict]:
     return out
 
 
+def _untuned(summary: Dict[str, dict], c: dict) -> str:
+    """Δ final validation loss of a and b both at LR 3e-3 (the middle of the LoRA grid), seed 0:
+    does the ordering hold without tuning? (One seed: judge it against the resolvable difference.)"""
+    a, b = (summary[k]["sweep"].get("0.003") for k in (c["a"], c["b"]))
+    return "n/a" if a is None or b is None else f"{a - b:+.4f}"
+
+
 def markdown(judged: List[dict], summary: Dict[str, dict]) -> str:
     lines = []
     for j in judged:
@@ -55,11 +62,12 @@ def markdown(judged: List[dict], summary: Dict[str, dict]) -> str:
         if not j["comparisons"]:
             lines.append("(not run in this grid)\n")
             continue
-        lines.append("| a | b | claimed | Δ test loss (a−b) ± sd | z | Δ metric (a−b) ± sd | verdict |\n|---|---|---|---|---|---|---|")
+        lines.append("| a | b | claimed | Δ test loss (a−b) ± sd | z | Δ metric (a−b) ± sd | verdict | "
+                     "untuned: Δ val loss at LR 3e-3, seed 0 |\n|---|---|---|---|---|---|---|---|")
         for c in j["comparisons"]:
             lo, me = c["loss_final"], c["metric_final"]
             lines.append(f"| {summary[c['a']]['label']} | {summary[c['b']]['label']} | {c['claimed']} | "
                          f"{lo['diff']:+.4f} ± {lo['sd']:.4f} | {lo['z']:+.1f} | "
-                         f"{100 * me['diff']:+.1f} ± {100 * me['sd']:.1f} pts | {c['verdict']} |")
+                         f"{100 * me['diff']:+.1f} ± {100 * me['sd']:.1f} pts | {c['verdict']} | {_untuned(summary, c)} |")
         lines.append("")
     return "\n".join(lines)

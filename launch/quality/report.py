@@ -44,7 +44,8 @@ def summarize(grid: Grid, methods: Dict, chosen: Dict[str, float], seeds: int,
              "init_s": _ms([r["init_s"] for r in runs])[0], "train_s": _ms([r["train_s"] for r in runs])[0],
              "init_peak_mib": max(r["init_peak_bytes"] for r in runs) / 2 ** 20,
              "train_peak_mib": max(r["train_peak_bytes"] for r in runs) / 2 ** 20,
-             "diverged": sum(bool(r.get("diverged")) for r in runs)}
+             "diverged": sum(bool(r.get("diverged")) for r in runs),
+             "init_loss": _ms([r["train_loss"][0] for r in runs])[0]}  # step 1's batch, before any update
         for tag, frac in (("half", 0.5), ("final", 1.0)):
             s[f"loss_{tag}"] = _ms([_at(r, frac).get("test_loss") for r in runs])
             s[f"metric_{tag}"] = _ms([_at(r, frac).get("test_metric") for r in runs])
@@ -106,8 +107,8 @@ def fmt_ms(ms, digits: int = 3, pct: bool = False) -> str:
 
 
 def table(summary: Dict[str, dict], metric_name: str) -> str:
-    head = (f"| method | trainable | LR (tried) | test loss, ½ steps | test loss, end | {metric_name} % , ½ | "
-            f"{metric_name} %, end | init / train time | init peak MiB | train peak MiB |\n|" + "---|" * 10)
+    head = (f"| method | trainable | LR (tried) | train loss at init | test loss, ½ steps | test loss, end | {metric_name} % , ½ | "
+            f"{metric_name} %, end | init / train time | init peak MiB | train peak MiB |\n|" + "---|" * 11)
     lines = [head]
     order = sorted(summary, key=lambda k: (summary[k]["family"], summary[k]["loss_final"][0]))
     for k in order:
@@ -117,7 +118,8 @@ def table(summary: Dict[str, dict], metric_name: str) -> str:
         if s.get("lr_from", k) != k:
             edge += f", {summary[s['lr_from']]['label'] if s['lr_from'] in summary else s['lr_from']}'s sweep"
         div = f" ({s['diverged']} diverged)" if s["diverged"] else ""
-        lines.append(f"| {s['label']}{div} | {s['trainable']:,} | {s['lr']:.2g}{edge} ({tried}) | {fmt_ms(s['loss_half'])} | "
+        lines.append(f"| {s['label']}{div} | {s['trainable']:,} | {s['lr']:.2g}{edge} ({tried}) | {s['init_loss']:.3f} | "
+                     f"{fmt_ms(s['loss_half'])} | "
                      f"{fmt_ms(s['loss_final'])} | {fmt_ms(s['metric_half'], 1, True)} | {fmt_ms(s['metric_final'], 1, True)} | "
                      f"{100 * s['init_frac']:.2f}% | {s['init_peak_mib']:.2f} | {s['train_peak_mib']:.2f} |")
     return "\n".join(lines)
