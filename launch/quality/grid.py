@@ -144,13 +144,15 @@ def protocol(grid: Grid, methods: Dict[str, object], seeds: int, leaders: Option
     lead = {n: leaders.get(n, n) for n in methods}
     sweepers = sorted(set(lead.values()), key=list(methods).index)
     grid.run([(n, lr, 0) for n in sweepers for lr in methods[n].lrs], "LR sweep on validation")
-    for _ in range(MAX_EXTEND):
+    while True:  # the count of LRs tried bounds the extensions, so a rerun over the cache adds none
         more = []
         for n in sweepers:
             best, tried = best_lr(grid, n)
-            if len(tried) > 1 and best == tried[0]:
+            if len(tried) < 2 or len(tried) >= len(methods[n].lrs) + MAX_EXTEND:
+                continue
+            if best == tried[0]:
                 more.append((n, tried[0] / STEP, 0))
-            elif len(tried) > 1 and best == tried[-1]:
+            elif best == tried[-1]:
                 more.append((n, tried[-1] * STEP, 0))
         if not more:
             break
