@@ -131,13 +131,14 @@ def plot(summary: Dict[str, dict], names: List[str], path: str, title: str, smoo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    for k in [n for n in names if n in summary]:
+    for i, k in enumerate([n for n in names if n in summary]):
         s = summary[k]
         c = s["curve"]
-        ma = [statistics.fmean(c[max(0, i - smooth + 1):i + 1]) for i in range(len(c))]
-        line, = ax1.plot(range(1, len(ma) + 1), ma, label=s["label"], lw=1.2)
+        ma = [statistics.fmean(c[max(0, j - smooth + 1):j + 1]) for j in range(len(c))]
+        style = dict(color=plt.cm.tab10(i % 10), ls="-" if i < 10 else "--", lw=1.2, label=s["label"])
+        ax1.plot(range(1, len(ma) + 1), ma, **style)
         xs, ys = zip(*s["test_curve"])
-        ax2.plot(xs, ys, "o-", color=line.get_color(), label=s["label"], lw=1.2)
+        ax2.plot(xs, ys, marker="o", **style)
     ax1.set(xlabel="optimizer step", ylabel=f"training loss (moving average, {smooth} steps)", title=title, yscale="log")
     ax2.set(xlabel="optimizer step", ylabel="test loss (mean over seeds)", title="held-out test loss", yscale="log")
     ax1.legend(fontsize=7)
