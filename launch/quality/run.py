@@ -14,8 +14,10 @@ engine's own `LivePeak` (glibc's bytes in use, sampled every 0.5 ms).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -23,6 +25,7 @@ EVAL_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 WARMUP = 0.05
 N_CALIB = 256
 PEAK_STEPS = 3
+_NO_PEAK = SimpleNamespace(rise=0)  # steps after PEAK_STEPS are not sampled
 
 
 def schedule(steps: int):
@@ -88,7 +91,7 @@ def _train(task, model, opt, pro, steps: int, batch: int, seed: int, evaluate: b
     model.train()
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
-        with LivePeak(torch.device("cpu")) if step <= PEAK_STEPS else _Null() as peak:
+        with LivePeak(torch.device("cpu")) if step <= PEAK_STEPS else contextlib.nullcontext(_NO_PEAK) as peak:
             loss = task.loss(model, task.train_batch(step, seed, batch))
             loss.backward()
             if pro is not None:
@@ -106,16 +109,6 @@ def _train(task, model, opt, pro, steps: int, batch: int, seed: int, evaluate: b
             out["evals"].append(_evaluate(task, model, step))
             out["eval_s"] += time.perf_counter() - t0
     return out
-
-
-class _Null:
-    rise = 0
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def run_one(task, method, lr: float, seed: int, steps: int, batch: int, evaluate: bool = True) -> dict:

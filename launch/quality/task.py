@@ -144,17 +144,23 @@ def base_skills(model, recipe: Recipe, n: int = 512) -> Dict[str, float]:
             if want in text:
                 prompt, ans = text.split("=")
                 ex.append(([BOS] + encode(prompt + "="), encode(ans) + [EOS]))
-        out[op] = _exact_match(model, ex)
+        out[op] = _score(model, _answer_batch(ex))[2] / n
     return out
 
 
-def _exact_match(model, examples) -> float:
-    rows = [p + a for p, a in examples]
-    b = _pad(rows, [[-100] * len(p) + a for p, a in examples])
-    logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-    gold = b["labels"][:, 1:]
-    right = (logits.argmax(-1) == gold) | (gold == -100)
-    return float(right.all(dim=1).float().mean())
+def _score(model, batch) -> tuple:
+    """(Σ answer-token CE, answer tokens, exact matches) of one padded batch (see the module doc)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    gold = batch["labels"][:, 1:]
+    valid = gold != -100
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), gold.clamp(min=0), reduction="none")
+    right = (logits.argmax(-1) == gold) | ~valid
+    return float((ce * valid).sum()), int(valid.sum()), int(right.all(dim=1).sum())
+
+
+def _answer_batch(examples) -> Dict[str, torch.Tensor]:
+    """(prompt ids, answer ids) pairs, padded, with loss on the answer only."""
+    return _pad([p + a for p, a in examples], [[-100] * len(p) + a for p, a in examples])
 
 
 class ArithmeticShift:
@@ -196,11 +202,6 @@ class ArithmeticShift:
     def trainable_extra(self, model) -> list:
         return []  # the LM head is pretrained: only the adapters train
 
-    def _batch(self, examples) -> Dict[str, torch.Tensor]:
-        rows = [p + a for p, a in examples]
-        labels = [[-100] * len(p) + a for p, a in examples]
-        return _pad(rows, labels)
-
     def train_batch(self, step: int, seed: int, batch_size: int) -> Dict[str, torch.Tensor]:
         """Batch `step` (from 1) of epoch-wise shuffles seeded by (seed, epoch): the same order for
         every method at one seed."""
@@ -208,7 +209,7 @@ class ArithmeticShift:
         epoch, k = divmod(step - 1, per_epoch)
         order = torch.randperm(self.n_train, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
         idx = order[k * batch_size:(k + 1) * batch_size].tolist()
-        return self._batch([self.splits["train"][i] for i in idx])
+        return _answer_batch([self.splits["train"][i] for i in idx])
 
     def loss(self, model, batch) -> torch.Tensor:
         return model(**batch).loss
@@ -216,7 +217,7 @@ class ArithmeticShift:
     def calibration(self, n: int, batch_size: int = 64) -> list:
         """The first n training examples (fixed, whatever the seed), in batches."""
         ex = self.splits["train"][:n]
-        return [self._batch(ex[i:i + batch_size]) for i in range(0, len(ex), batch_size)]
+        return [_answer_batch(ex[i:i + batch_size]) for i in range(0, len(ex), batch_size)]
 
     @torch.no_grad()
     def evaluate(self, model, split: str, batch_size: int = 256) -> dict:
@@ -224,13 +225,6 @@ class ArithmeticShift:
         ex = self.splits[split]
         tot, tokens, hits = 0.0, 0, 0
         for i in range(0, len(ex), batch_size):
-            b = self._batch(ex[i:i + batch_size])
-            logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-            gold = b["labels"][:, 1:]
-            valid = gold != -100
-            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), gold.clamp(min=0), reduction="none")
-            tot += float((ce * valid).sum())
-            tokens += int(valid.sum())
-            right = (logits.argmax(-1) == gold) | ~valid
-            hits += int(right.all(dim=1).sum())
+            loss, n, right = _score(model, _answer_batch(ex[i:i + batch_size]))
+            tot, tokens, hits = tot + loss, tokens + n, hits + right
         return {"loss": tot / tokens, "metric": hits / len(ex)}
